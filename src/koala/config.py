@@ -1,0 +1,256 @@
+"""Typed experiment configuration: TOML in, validated settings out, clear errors for bad input.
+
+Keys are kebab-case in TOML files and snake_case in Python. Unknown keys, wrong types and impossible
+values are rejected with a message that names the key and what is allowed.
+"""
+
+from __future__ import annotations
+
+import difflib
+import tomllib
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from koala.errors import ConfigError
+
+
+def _kebab(name: str) -> str:
+    return name.replace("_", "-")
+
+
+class _Section(BaseModel):
+    """Base of every config section: kebab-case keys, no unknown keys, strict types."""
+
+    model_config = ConfigDict(
+        extra="forbid", strict=True, alias_generator=_kebab, populate_by_name=True, frozen=True
+    )
+
+
+class DataConfig(_Section):
+    """Which data set, and how it is split between the server's proxy set and the clients."""
+
+    dataset: Literal["fashion-mnist", "cifar10", "cifar100", "digits", "synthetic"] = "fashion-mnist"
+    dir: str = Field("", description="data directory; empty = the data set's default or env var")
+    train_limit: int = Field(0, ge=0, description="use only this many training images (0 = all)")
+    test_limit: int = Field(0, ge=0, description="evaluate on only this many test images (0 = all)")
+    num_clients: int = Field(20, ge=1)
+    partition: Literal["iid", "dirichlet", "k-labels"] = "dirichlet"
+    alpha: float = Field(0.5, gt=0, description="Dirichlet concentration over labels")
+    labels_per_client: int = Field(2, ge=1, description="k for the k-labels partition")
+    min_client_size: int = Field(10, ge=1, description="Dirichlet redraws until every client has this many")
+    proxy_fraction: float = Field(0.1, gt=0, lt=1, description="share of training images kept as the server proxy set")
+    proxy_labelled: int = Field(
+        0, ge=0, description="how many proxy images the server holds labels for (its labelled server set)"
+    )
+
+
+class ModelsConfig(_Section):
+    """The large server model, the small client architectures and how clients get them."""
+
+    large: str = "resnet18-ds"
+    small: list[str] = Field(default_factory=lambda: ["lenet"], min_length=1)
+    small_shares: list[float] = Field(
+        default_factory=list, description="share of clients per small architecture; empty = equal"
+    )
+    assignment: list[str] = Field(
+        default_factory=list, description="explicit small architecture per client id (overrides shares)"
+    )
+
+    @model_validator(mode="after")
+    def _check_assignment(self) -> ModelsConfig:
+        if len(set(self.small)) != len(self.small):
+            raise ValueError(f"models.small lists an architecture twice: {self.small}")
+        if self.small_shares:
+            if len(self.small_shares) != len(self.small):
+                raise ValueError(
+                    f"models.small-shares has {len(self.small_shares)} entries but models.small has "
+                    f"{len(self.small)}; give one share per small architecture"
+                )
+            if any(s <= 0 for s in self.small_shares) or abs(sum(self.small_shares) - 1.0) > 1e-6:
+                raise ValueError(
+                    f"models.small-shares must be positive and sum to 1, got {self.small_shares} "
+                    f"(sum {sum(self.small_shares):.6g})"
+                )
+        unknown = sorted(set(self.assignment) - set(self.small))
+        if unknown:
+            raise ValueError(
+                f"models.assignment names {unknown}, which are not in models.small {self.small}"
+            )
+        return self
+
+    @property
+    def heterogeneous(self) -> bool:
+        return len(self.small) > 1
+
+
+class OptimizerConfig(_Section):
+    """SGD settings for one kind of training (client local training, or server distillation)."""
+
+    epochs: int = Field(1, ge=0)
+    batch_size: int = Field(64, ge=1)
+    lr: float = Field(0.01, gt=0)
+    momentum: float = Field(0.9, ge=0, lt=1)
+    weight_decay: float = Field(0.0, ge=0)
+
+
+class PretrainConfig(OptimizerConfig):
+    """Supervised training of the large model on the labelled server set (large-init.kind = 'pretrain')."""
+
+    epochs: int = Field(10, ge=1)
+
+
+class LargeInitConfig(_Section):
+    """Where the large model starts: random, a local weights file, or pretrained on the server set."""
+
+    kind: Literal["random", "file", "pretrain"] = "random"
+    path: str = Field("", description="weights file (.safetensors or torch state dict) for kind = 'file'")
+    pretrain: PretrainConfig = Field(default_factory=PretrainConfig)
+
+    @model_validator(mode="after")
+    def _check_path(self) -> LargeInitConfig:
+        if self.kind == "file" and not self.path:
+            raise ValueError("large-init.kind = 'file' needs large-init.path = the weights file")
+        return self
+
+
+class ClientConfig(OptimizerConfig):
+    """Client sampling and local training."""
+
+    participation: float = Field(1.0, gt=0, le=1, description="fraction of clients sampled each round")
+
+
+class DistillConfig(_Section):
+    """Reverse (small -> large) and forward (large -> small) distillation on the proxy set."""
+
+    temperature: float = Field(3.0, gt=0)
+    fusion: str = Field("sample-share", description="how heterogeneous teachers are fused")
+    batch_size: int = Field(128, ge=1)
+    reverse: OptimizerConfig = Field(default_factory=OptimizerConfig)
+    forward: OptimizerConfig = Field(default_factory=OptimizerConfig)
+    forward_warmup_rounds: int = Field(
+        0, ge=0, description="rounds at the start in which forward distillation is skipped"
+    )
+
+
+class ExperimentConfig(_Section):
+    """A whole experiment: one seed derives every random stream."""
+
+    name: str = "koala"
+    algorithm: Literal["koala", "fedavg-large", "fedavg-small"] = "koala"
+    seed: int = 0
+    rounds: int = Field(10, ge=1)
+    eval_every: int = Field(1, ge=1, description="evaluate every k rounds (and always after the last)")
+    device: Literal["cpu", "cuda"] = "cpu"
+    threads: int = Field(0, ge=0, description="torch CPU threads (0 = torch's default)")
+    data: DataConfig = Field(default_factory=DataConfig)
+    models: ModelsConfig = Field(default_factory=ModelsConfig)
+    large_init: LargeInitConfig = Field(default_factory=LargeInitConfig)
+    client: ClientConfig = Field(default_factory=ClientConfig)
+    distill: DistillConfig = Field(default_factory=DistillConfig)
+
+    @model_validator(mode="after")
+    def _check_cross_fields(self) -> ExperimentConfig:
+        if self.models.assignment and len(self.models.assignment) != self.data.num_clients:
+            raise ValueError(
+                f"models.assignment has {len(self.models.assignment)} entries but data.num-clients is "
+                f"{self.data.num_clients}; give one architecture per client"
+            )
+        if self.large_init.kind == "pretrain" and self.data.proxy_labelled == 0:
+            raise ValueError(
+                "large-init.kind = 'pretrain' needs a labelled server set: set data.proxy-labelled "
+                "to the number of proxy images the server has labels for"
+            )
+        return self
+
+
+def _format_location(loc: tuple[Any, ...]) -> str:
+    return ".".join(str(part) for part in loc if not isinstance(part, int)) or "(top level)"
+
+
+def _allowed_keys(model: type[BaseModel], loc: tuple[Any, ...]) -> list[str]:
+    """The keys allowed in the section at `loc` (used to suggest a fix for an unknown key)."""
+    for part in loc[:-1]:
+        field = model.model_fields.get(str(part).replace("-", "_"))
+        if field is None or not (isinstance(field.annotation, type) and issubclass(field.annotation, BaseModel)):
+            return []
+        model = field.annotation
+    return sorted(_kebab(name) for name in model.model_fields)
+
+
+def _describe(error: dict[str, Any]) -> str:
+    where = _format_location(error["loc"])
+    if error["type"] == "extra_forbidden":
+        key = str(error["loc"][-1])
+        allowed = _allowed_keys(ExperimentConfig, error["loc"])
+        close = difflib.get_close_matches(key, allowed, n=1)
+        hint = f" Did you mean {close[0]!r}?" if close else ""
+        return f"{where}: unknown key.{hint} Allowed keys here: {', '.join(allowed)}"
+    message = error["msg"].removeprefix("Value error, ")
+    if error["type"].startswith(("literal", "greater", "less", "int", "float", "string", "bool", "list", "too")):
+        return f"{where}: {message} (got {error.get('input')!r})"
+    return f"{where}: {message}" if where != "(top level)" else message
+
+
+def _validate(raw: dict[str, Any], source: str) -> ExperimentConfig:
+    try:
+        return ExperimentConfig.model_validate(raw)
+    except ValidationError as exc:
+        lines = "\n  ".join(_describe(e) for e in exc.errors())
+        raise ConfigError(f"invalid configuration in {source}:\n  {lines}") from None
+
+
+def parse_override(assignment: str) -> tuple[list[str], Any]:
+    """Parse one `--set section.key=value` override; the value is read as TOML, else as a string."""
+    key, sep, text = assignment.partition("=")
+    if not sep or not key.strip():
+        raise ConfigError(f"--set {assignment!r}: expected key=value, e.g. --set data.alpha=0.3")
+    try:
+        value = tomllib.loads(f"v = {text}")["v"]
+    except tomllib.TOMLDecodeError:
+        value = text
+    return [part.strip() for part in key.strip().split(".")], value
+
+
+def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    """Return a copy of `raw` with each `key=value` override applied (sections created as needed)."""
+    result: dict[str, Any] = _deep_copy(raw)
+    for assignment in overrides:
+        path, value = parse_override(assignment)
+        section = result
+        for part in path[:-1]:
+            child = section.setdefault(part, {})
+            if not isinstance(child, dict):
+                raise ConfigError(f"--set {assignment!r}: {part!r} is a value, not a section")
+            section = child
+        section[path[-1]] = value
+    return result
+
+
+def _deep_copy(raw: dict[str, Any]) -> dict[str, Any]:
+    return {k: _deep_copy(v) if isinstance(v, dict) else v for k, v in raw.items()}
+
+
+def load_config(path: Path | str | None = None, overrides: list[str] | None = None) -> ExperimentConfig:
+    """Load a TOML experiment file (or the defaults when `path` is None) and apply overrides."""
+    raw: dict[str, Any] = {}
+    source = "the defaults"
+    if path is not None:
+        path = Path(path)
+        source = str(path)
+        try:
+            raw = tomllib.loads(path.read_text())
+        except FileNotFoundError:
+            raise ConfigError(f"config file {path} does not exist; see configs/ for examples") from None
+        except tomllib.TOMLDecodeError as exc:
+            raise ConfigError(f"{path} is not valid TOML: {exc}") from None
+    if overrides:
+        raw = apply_overrides(raw, overrides)
+        source += " with --set " + " ".join(overrides)
+    return _validate(raw, source)
+
+
+def config_to_dict(config: ExperimentConfig) -> dict[str, Any]:
+    """The resolved config as a kebab-case dict, ready to write back as TOML."""
+    return config.model_dump(by_alias=True)

@@ -1,0 +1,92 @@
+"""Config loading: defaults, TOML files, overrides, and a clear error for every kind of bad input."""
+
+from pathlib import Path
+
+import pytest
+
+from koala.config import ExperimentConfig, config_to_dict, load_config
+from koala.errors import ConfigError
+
+import tomli_w
+
+CONFIGS = sorted((Path(__file__).parent.parent / "configs").glob("*.toml"))
+
+
+def test_defaults_are_valid() -> None:
+    config = load_config()
+    assert config.algorithm == "koala"
+    assert config.data.num_clients == 20 and config.distill.temperature == 3.0
+
+
+@pytest.mark.parametrize("path", CONFIGS, ids=lambda p: p.name)
+def test_shipped_configs_load(path: Path) -> None:
+    load_config(path)
+
+
+def test_shipped_configs_exist() -> None:
+    names = {p.name for p in CONFIGS}
+    assert {"quickstart.toml", "koala-homogeneous.toml", "koala-heterogeneous.toml",
+            "fedavg-large.toml", "fedavg-small.toml"} <= names
+
+
+def test_kebab_case_file_and_round_trip(tmp_path: Path) -> None:
+    path = tmp_path / "x.toml"
+    path.write_text('rounds = 3\n[data]\nnum-clients = 5\nproxy-fraction = 0.2\n[distill.reverse]\nepochs = 2\n')
+    config = load_config(path)
+    assert (config.rounds, config.data.num_clients, config.distill.reverse.epochs) == (3, 5, 2)
+    again = tmp_path / "again.toml"
+    again.write_text(tomli_w.dumps(config_to_dict(config)))
+    assert load_config(again) == config
+
+
+def test_overrides_parse_toml_values() -> None:
+    config = load_config(None, ["data.alpha=0.3", "models.small=['lenet', 'shufflenetv2']", "name=abc"])
+    assert config.data.alpha == 0.3
+    assert config.models.small == ["lenet", "shufflenetv2"] and config.models.heterogeneous
+    assert config.name == "abc"
+
+
+@pytest.mark.parametrize(
+    ("overrides", "expected"),
+    [
+        (["data.alpah=1"], "data.alpah: unknown key. Did you mean 'alpha'?"),
+        (["clientt.lr=1"], "clientt: unknown key. Did you mean 'client'?"),
+        (["rounds='ten'"], "rounds: Input should be a valid integer"),
+        (["client.lr='fast'"], "client.lr: Input should be a valid number"),
+        (["data.alpha=0"], "data.alpha: Input should be greater than 0"),
+        (["data.alpha=-1.5"], "data.alpha: Input should be greater than 0"),
+        (["client.participation=0"], "client.participation: Input should be greater than 0"),
+        (["client.participation=1.5"], "client.participation: Input should be less than or equal to 1"),
+        (["data.proxy-fraction=1.0"], "data.proxy-fraction: Input should be less than 1"),
+        (["algorithm='fedprox'"], "algorithm: Input should be 'koala', 'fedavg-large' or 'fedavg-small'"),
+        (["data.dataset='mnist'"], "data.dataset: Input should be"),
+        (["models.small=['lenet','shufflenetv2']", "models.small-shares=[0.5,0.4]"], "must be positive and sum to 1"),
+        (["models.small=['lenet','shufflenetv2']", "models.small-shares=[1.0]"], "give one share per small architecture"),
+        (["models.small=['lenet','lenet']"], "lists an architecture twice"),
+        (["data.num-clients=2", "models.assignment=['lenet']"], "give one architecture per client"),
+        (["models.assignment=['vgg11','lenet']", "data.num-clients=2"], "not in models.small"),
+        (["large-init.kind='file'"], "needs large-init.path"),
+        (["large-init.kind='pretrain'"], "needs a labelled server set"),
+        (["rounds"], "expected key=value"),
+        (["rounds=0"], "rounds: Input should be greater than or equal to 1"),
+    ],
+)
+def test_bad_values_name_the_key(overrides: list[str], expected: str) -> None:
+    with pytest.raises(ConfigError) as info:
+        load_config(None, overrides)
+    assert expected in str(info.value)
+
+
+def test_missing_and_malformed_files(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="does not exist"):
+        load_config(tmp_path / "nope.toml")
+    broken = tmp_path / "broken.toml"
+    broken.write_text("rounds = = 3\n")
+    with pytest.raises(ConfigError, match="is not valid TOML"):
+        load_config(broken)
+
+
+def test_config_is_frozen() -> None:
+    config = ExperimentConfig()
+    with pytest.raises(Exception):
+        config.rounds = 5  # type: ignore[misc]
