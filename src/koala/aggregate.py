@@ -1,0 +1,86 @@
+"""Validation of client updates and FedAvg within each architecture group."""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+
+import torch
+
+from koala.errors import UpdateRejected
+
+StateDict = dict[str, torch.Tensor]
+
+
+@dataclass(frozen=True)
+class ClientUpdate:
+    """What a client sends back: its architecture, trained weights and sample count."""
+
+    client_id: int
+    architecture: str
+    state: StateDict
+    num_examples: int
+    metrics: dict[str, float] = field(default_factory=dict)
+
+
+def validate_update(update: ClientUpdate, expected_architecture: str, reference: Mapping[str, torch.Tensor]) -> None:
+    """Raise `UpdateRejected` naming the problem unless `update` fits the architecture it was sent."""
+    who = f"client {update.client_id}"
+    if update.architecture != expected_architecture:
+        raise UpdateRejected(
+            f"{who} sent architecture {update.architecture!r} but was assigned {expected_architecture!r}"
+        )
+    if not isinstance(update.num_examples, int) or isinstance(update.num_examples, bool) or update.num_examples <= 0:
+        raise UpdateRejected(f"{who} reported {update.num_examples!r} examples; expected a positive integer")
+    missing = sorted(set(reference) - set(update.state))
+    extra = sorted(set(update.state) - set(reference))
+    if missing or extra:
+        raise UpdateRejected(f"{who} sent tensors that do not match {expected_architecture}: missing {missing[:5]}, unexpected {extra[:5]}")
+    for name, ref in reference.items():
+        tensor = update.state[name]
+        if tensor.shape != ref.shape or tensor.dtype != ref.dtype:
+            raise UpdateRejected(
+                f"{who}: tensor {name!r} is {tuple(tensor.shape)} {tensor.dtype}, expected {tuple(ref.shape)} {ref.dtype}"
+            )
+        if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+            raise UpdateRejected(f"{who}: tensor {name!r} holds NaN or Inf values")
+
+
+def fedavg(states: Sequence[Mapping[str, torch.Tensor]], weights: Sequence[float]) -> StateDict:
+    """Weighted average of state dicts (weights are normalised). Sums run in float64; integer buffers
+    such as BatchNorm's batch counter are rounded back to their dtype."""
+    if not states or len(states) != len(weights):
+        raise ValueError("fedavg needs one weight per state and at least one state")
+    total = float(sum(weights))
+    result: StateDict = {}
+    for name, first in states[0].items():
+        acc = torch.zeros(first.shape, dtype=torch.float64, device=first.device)
+        for state, weight in zip(states, weights):
+            acc.add_(state[name].to(torch.float64), alpha=weight / total)
+        result[name] = acc.round().to(first.dtype) if not first.is_floating_point() else acc.to(first.dtype)
+    return result
+
+
+@dataclass(frozen=True)
+class GroupAggregate:
+    """The FedAvg of one architecture's updates in a round."""
+
+    state: StateDict
+    num_examples: int
+    num_clients: int
+
+
+def aggregate_by_architecture(updates: Sequence[ClientUpdate]) -> dict[str, GroupAggregate]:
+    """Group updates by architecture and FedAvg each group, weighted by sample count."""
+    groups: dict[str, list[ClientUpdate]] = defaultdict(list)
+    for update in updates:
+        groups[update.architecture].append(update)
+    return {
+        arch: GroupAggregate(
+            state=fedavg([u.state for u in group], [u.num_examples for u in group]),
+            num_examples=sum(u.num_examples for u in group),
+            num_clients=len(group),
+        )
+        for arch, group in sorted(groups.items())
+    }

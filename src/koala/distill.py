@@ -1,0 +1,67 @@
+"""Distillation losses and the fusion of several teachers into one consensus target."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+import torch.nn.functional as F
+
+from koala.errors import ConfigError
+
+
+def soft_targets(logits: torch.Tensor, temperature: float) -> torch.Tensor:
+    """Temperature-softened class probabilities."""
+    return F.softmax(logits / temperature, dim=-1)
+
+
+def kd_loss(student_logits: torch.Tensor, teacher_probs: torch.Tensor, temperature: float) -> torch.Tensor:
+    """T²·KL(teacher ‖ student) on temperature-softened outputs, averaged over the batch.
+
+    The T² factor keeps gradient magnitudes comparable across temperatures (Hinton et al., 2015).
+    """
+    log_student = F.log_softmax(student_logits / temperature, dim=-1)
+    return temperature**2 * F.kl_div(log_student, teacher_probs, reduction="batchmean")
+
+
+FusionRule = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+"""(teacher_probs (K, N, C), sample_counts (K,)) -> fused probabilities (N, C)."""
+
+_FUSION_RULES: dict[str, FusionRule] = {}
+
+
+def register_fusion(name: str) -> Callable[[FusionRule], FusionRule]:
+    """Decorator: make a fusion rule selectable by `distill.fusion = name`."""
+
+    def decorator(rule: FusionRule) -> FusionRule:
+        _FUSION_RULES[name] = rule
+        return rule
+
+    return decorator
+
+
+def fusion_names() -> list[str]:
+    return sorted(_FUSION_RULES)
+
+
+def fusion_rule(name: str) -> FusionRule:
+    """The fusion rule registered as `name`; an unknown name lists the known ones."""
+    try:
+        return _FUSION_RULES[name]
+    except KeyError:
+        raise ConfigError(
+            f"distill.fusion: unknown fusion rule {name!r}; known rules: {', '.join(fusion_names())}"
+        ) from None
+
+
+@register_fusion("sample-share")
+def fuse_by_sample_share(teacher_probs: torch.Tensor, sample_counts: torch.Tensor) -> torch.Tensor:
+    """Each teacher weighted by its group's share of the round's training samples."""
+    weights = sample_counts.to(teacher_probs.dtype) / sample_counts.sum()
+    return torch.einsum("k,knc->nc", weights, teacher_probs)
+
+
+@register_fusion("uniform")
+def fuse_uniform(teacher_probs: torch.Tensor, sample_counts: torch.Tensor) -> torch.Tensor:
+    """Every teacher counts the same, whatever its group's size."""
+    return teacher_probs.mean(dim=0)

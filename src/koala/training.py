@@ -1,0 +1,96 @@
+"""Training and evaluation loops over tensors already in memory (no DataLoader, no per-sample Python).
+
+One SGD loop serves supervised local training, server pretraining and both distillations: only the
+loss on a batch of indices differs.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from koala.config import OptimizerConfig
+from koala.data.dataset import ImageSplit
+from koala.distill import kd_loss
+
+BatchLoss = Callable[[torch.Tensor], torch.Tensor]
+
+
+def shuffled_batches(num_examples: int, batch_size: int, generator: torch.Generator, device: torch.device) -> Iterator[torch.Tensor]:
+    """Index batches of one epoch in a seeded random order. A trailing batch of one example is
+    dropped, since BatchNorm cannot train on it."""
+    order = torch.randperm(num_examples, generator=generator).to(device)
+    for start in range(0, num_examples, batch_size):
+        batch = order[start : start + batch_size]
+        if len(batch) > 1 or num_examples == 1:
+            yield batch
+
+
+def sgd_train(model: nn.Module, num_examples: int, batch_loss: BatchLoss, settings: OptimizerConfig, generator: torch.Generator) -> float:
+    """Train `model` for `settings.epochs` epochs of SGD; returns the mean loss of the last epoch."""
+    if settings.epochs == 0 or num_examples == 0:
+        return float("nan")
+    device = next(model.parameters()).device
+    optimizer = torch.optim.SGD(
+        model.parameters(), lr=settings.lr, momentum=settings.momentum, weight_decay=settings.weight_decay
+    )
+    model.train()
+    for _ in range(settings.epochs):
+        total = torch.zeros((), device=device)
+        seen = 0
+        for batch in shuffled_batches(num_examples, settings.batch_size, generator, device):
+            loss = batch_loss(batch)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            total += loss.detach() * len(batch)
+            seen += len(batch)
+    return float(total / max(seen, 1))
+
+
+def train_supervised(model: nn.Module, data: ImageSplit, settings: OptimizerConfig, generator: torch.Generator) -> float:
+    """Cross-entropy training on labelled data; returns the last epoch's mean loss."""
+    return sgd_train(
+        model,
+        len(data),
+        lambda idx: F.cross_entropy(model(data.images[idx]), data.labels[idx]),
+        settings,
+        generator,
+    )
+
+
+def train_distill(
+    student: nn.Module,
+    inputs: torch.Tensor,
+    teacher_probs: torch.Tensor,
+    temperature: float,
+    settings: OptimizerConfig,
+    generator: torch.Generator,
+) -> float:
+    """Distil fixed teacher soft targets into `student` with T²·KL; returns the last epoch's mean loss."""
+    return sgd_train(
+        student,
+        len(inputs),
+        lambda idx: kd_loss(student(inputs[idx]), teacher_probs[idx], temperature),
+        settings,
+        generator,
+    )
+
+
+@torch.no_grad()
+def predict_logits(model: nn.Module, images: torch.Tensor, batch_size: int = 512) -> torch.Tensor:
+    """Logits of `model` in eval mode on every image."""
+    model.eval()
+    return torch.cat([model(images[i : i + batch_size]) for i in range(0, len(images), batch_size)])
+
+
+def evaluate(model: nn.Module, data: ImageSplit, batch_size: int = 512) -> dict[str, float]:
+    """Accuracy and mean cross-entropy of `model` on `data`."""
+    logits = predict_logits(model, data.images, batch_size)
+    return {
+        "accuracy": float((logits.argmax(1) == data.labels).float().mean()),
+        "loss": float(F.cross_entropy(logits, data.labels)),
+    }
