@@ -1,0 +1,24 @@
+"""Federated methods, each defined once over model state and data (no transport code)."""
+
+from __future__ import annotations
+
+import torch
+
+from koala.algorithms.base import Algorithm, ClientTask, RoundMetrics, ServerData, ServerState, local_train
+from koala.algorithms.fedavg import FedAvgLarge, FedAvgSmall
+from koala.algorithms.koala import Koala
+from koala.config import ExperimentConfig
+from koala.models import InputSpec
+
+ALGORITHMS: dict[str, type[Algorithm]] = {cls.name: cls for cls in (Koala, FedAvgLarge, FedAvgSmall)}
+
+
+def make_algorithm(config: ExperimentConfig, spec: InputSpec, server_data: ServerData, device: torch.device) -> Algorithm:
+    """The algorithm that `config.algorithm` names."""
+    return ALGORITHMS[config.algorithm](config, spec, server_data, device)
+
+
+__all__ = [
+    "ALGORITHMS", "Algorithm", "ClientTask", "RoundMetrics", "ServerData", "ServerState",
+    "local_train", "make_algorithm",
+]

@@ -1,0 +1,33 @@
+"""Which small architecture each client holds (heterogeneous mode): by shares or an explicit list."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from koala.config import ModelsConfig
+from koala.errors import ConfigError
+from koala.seeding import numpy_generator
+
+
+def assign_architectures(models: ModelsConfig, num_clients: int, seed: int) -> list[str]:
+    """One small architecture per client id. Shares are turned into client counts by largest
+    remainder, and the counts dealt to clients in a seeded random order."""
+    if models.assignment:
+        return list(models.assignment)
+    shares = np.asarray(models.small_shares or [1.0 / len(models.small)] * len(models.small))
+    exact = shares * num_clients
+    counts = np.floor(exact).astype(int)
+    for i in np.argsort(-(exact - counts), kind="stable")[: num_clients - counts.sum()]:
+        counts[i] += 1
+    empty = [arch for arch, count in zip(models.small, counts) if count == 0]
+    if empty:
+        raise ConfigError(
+            f"models.small-shares leaves {empty} without clients among {num_clients}: raise their "
+            "shares, add clients, or drop them from models.small"
+        )
+    archs = np.repeat(np.asarray(models.small), counts)
+    order = numpy_generator(seed, "assignment").permutation(num_clients)
+    result = [""] * num_clients
+    for client, arch in zip(order, archs):
+        result[int(client)] = str(arch)
+    return result

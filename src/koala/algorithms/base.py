@@ -1,0 +1,158 @@
+"""What every algorithm is: server state, the task a client receives, and the round's server step.
+
+An algorithm is plain functions over model state and data; it knows nothing of transport. Engines
+(the local simulator, Flower) ask it what to send each client, run `local_train` wherever the client
+is, and hand the replies back to `server_round`.
+"""
+
+from __future__ import annotations
+
+import time
+from abc import ABC, abstractmethod
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from koala.aggregate import ClientUpdate, StateDict, validate_update
+from koala.algorithms.assignment import assign_architectures
+from koala.algorithms.models import evaluate_state, initial_state, instantiate, load_weights, module_state
+from koala.config import ExperimentConfig
+from koala.data.dataset import ImageSplit
+from koala.errors import UpdateRejected
+from koala.models import InputSpec, model_entry
+from koala.seeding import torch_generator
+from koala.training import train_supervised
+
+
+@dataclass(frozen=True)
+class ServerState:
+    """Everything the server holds between rounds: the large model and one small model per architecture."""
+
+    round: int
+    large: StateDict | None
+    small: dict[str, StateDict]
+
+
+@dataclass(frozen=True)
+class ClientTask:
+    """What the server sends one client: the architecture to train and its current weights."""
+
+    client_id: int
+    architecture: str
+    state: StateDict
+
+
+@dataclass(frozen=True)
+class ServerData:
+    """What the server itself holds: unlabelled proxy images, an optional labelled set, the test set."""
+
+    proxy_images: torch.Tensor
+    labelled: ImageSplit | None
+    test: ImageSplit
+
+
+@dataclass
+class RoundMetrics:
+    """Server-side measurements of one round, merged into that round's metrics line."""
+
+    values: dict[str, Any] = field(default_factory=dict)
+    rejected: list[dict[str, Any]] = field(default_factory=list)
+
+    @contextmanager
+    def timed(self, phase: str) -> Iterator[None]:
+        start = time.perf_counter()
+        yield
+        self.values[f"time-{phase}"] = round(time.perf_counter() - start, 4)
+
+
+class Algorithm(ABC):
+    """The round logic of one federated method."""
+
+    name: str
+
+    def __init__(self, config: ExperimentConfig, spec: InputSpec, server_data: ServerData, device: torch.device) -> None:
+        for arch in [config.models.large, *config.models.small]:
+            model_entry(arch)  # unknown names fail here, before anything is trained or written
+        self.config = config
+        self.spec = spec
+        self.server_data = server_data
+        self.device = device
+        self.assignment = assign_architectures(config.models, config.data.num_clients, config.seed)
+
+    # -- what the server sends ------------------------------------------------------------------
+    @abstractmethod
+    def client_architecture(self, client_id: int) -> str:
+        """The architecture that `client_id` trains."""
+
+    @abstractmethod
+    def initial_state(self) -> ServerState:
+        """The server state before round 1."""
+
+    def client_weights(self, state: ServerState, client_id: int) -> StateDict:
+        """The current weights of the model that `client_id` trains (by default its small model)."""
+        return state.small[self.client_architecture(client_id)]
+
+    def client_task(self, state: ServerState, client_id: int) -> ClientTask:
+        return ClientTask(client_id, self.client_architecture(client_id), self.client_weights(state, client_id))
+
+    # -- what the server does with the replies --------------------------------------------------
+    def accept_updates(self, state: ServerState, updates: Sequence[ClientUpdate], metrics: RoundMetrics) -> list[ClientUpdate]:
+        """The updates that pass validation; each rejected one is recorded with its reason."""
+        accepted = []
+        for update in updates:
+            arch = self.client_architecture(update.client_id)
+            try:
+                validate_update(update, arch, self.client_weights(state, update.client_id))
+            except UpdateRejected as exc:
+                metrics.rejected.append({"client": update.client_id, "reason": str(exc)})
+                continue
+            accepted.append(update)
+        return accepted
+
+    @abstractmethod
+    def server_round(self, state: ServerState, updates: Sequence[ClientUpdate], metrics: RoundMetrics) -> ServerState:
+        """Fold the round's accepted updates into a new server state."""
+
+    # -- evaluation -----------------------------------------------------------------------------
+    def evaluate(self, state: ServerState) -> dict[str, dict[str, float]]:
+        """Test metrics of the large model (as "large") and of each small model (as "small:ARCH")."""
+        results = {}
+        test = self.server_data.test
+        if state.large is not None:
+            results["large"] = evaluate_state(self.config.models.large, self.spec, state.large, test)
+        for arch, weights in state.small.items():
+            results[f"small:{arch}"] = evaluate_state(arch, self.spec, weights, test)
+        return results
+
+    # -- shared building blocks -----------------------------------------------------------------
+    def initial_large_state(self) -> StateDict:
+        """The large model's start: random, a local weights file, or pretrained on the labelled server set."""
+        arch, init = self.config.models.large, self.config.large_init
+        state = initial_state(arch, self.spec, self.config.seed)
+        if init.kind == "file":
+            return load_weights(Path(init.path).expanduser(), arch, state)
+        if init.kind == "pretrain":
+            labelled = self.server_data.labelled
+            assert labelled is not None  # the config validator guarantees a labelled server set
+            model = instantiate(arch, self.spec, state, self.device)
+            train_supervised(model, labelled, init.pretrain, torch_generator(self.config.seed, "pretrain"))
+            return module_state(model)
+        return state
+
+    def initial_small_states(self, architectures: Sequence[str]) -> dict[str, StateDict]:
+        return {arch: initial_state(arch, self.spec, self.config.seed) for arch in architectures}
+
+
+def local_train(task: ClientTask, data: ImageSplit, config: ExperimentConfig, spec: InputSpec, seed: int) -> ClientUpdate:
+    """A client's round: train the received model on its private data with cross-entropy.
+
+    A pure function of (task, data, settings, seed): the same inputs give the same update, wherever
+    it runs. The model lives on the device the data is on.
+    """
+    model = instantiate(task.architecture, spec, task.state, data.images.device)
+    loss = train_supervised(model, data, config.client, torch_generator(seed))
+    return ClientUpdate(task.client_id, task.architecture, module_state(model), len(data), {"train-loss": loss})

@@ -1,0 +1,74 @@
+"""Model state <-> module helpers shared by every algorithm: build, initialise, load weights, evaluate."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file
+from torch import nn
+
+from koala.aggregate import StateDict
+from koala.data.dataset import ImageSplit
+from koala.errors import ModelError
+from koala.models import InputSpec, build_model
+from koala.seeding import seeded_torch
+from koala.training import evaluate
+
+
+def instantiate(architecture: str, spec: InputSpec, state: StateDict, device: torch.device | str) -> nn.Module:
+    """A module of `architecture` holding a private copy of `state` on `device`.
+
+    The module is built on the meta device, so no random initialisation is spent on weights that
+    are overwritten at once.
+    """
+    with torch.device("meta"):
+        model = build_model(architecture, spec)
+    model.load_state_dict({k: v.to(device, copy=True) for k, v in state.items()}, assign=True)
+    return model
+
+
+def module_state(model: nn.Module) -> StateDict:
+    """The module's state dict, detached from autograd, on the CPU-or-device it lives on."""
+    return {k: v.detach() for k, v in model.state_dict().items()}
+
+
+def initial_state(architecture: str, spec: InputSpec, seed: int) -> StateDict:
+    """Fresh weights of `architecture`, drawn from the stream named after it."""
+    with seeded_torch(seed, "init", architecture):
+        return module_state(build_model(architecture, spec))
+
+
+def load_weights(path: Path, architecture: str, reference: StateDict) -> StateDict:
+    """Weights from a .safetensors file or a torch state dict (loaded with weights_only=True),
+    checked against the architecture's own tensor names and shapes."""
+    if not path.is_file():
+        raise ModelError(f"weights file {path} does not exist (large-init.path)")
+    try:
+        if path.suffix == ".safetensors":
+            state = load_file(str(path))
+        else:
+            state = torch.load(path, map_location="cpu", weights_only=True)
+    except (SafetensorError, RuntimeError, OSError, EOFError, ValueError) as exc:
+        raise ModelError(f"cannot read weights file {path}: {exc}") from None
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise ModelError(f"{path} does not hold a state dict of tensors")
+    missing, extra = sorted(set(reference) - set(state)), sorted(set(state) - set(reference))
+    if missing or extra:
+        raise ModelError(
+            f"{path} does not fit {architecture}: missing {missing[:5]}, unexpected {extra[:5]}; "
+            "check models.large"
+        )
+    for name, ref in reference.items():
+        if state[name].shape != ref.shape:
+            raise ModelError(
+                f"{path}: tensor {name!r} has shape {tuple(state[name].shape)}, {architecture} needs "
+                f"{tuple(ref.shape)} (a different class count or input size?)"
+            )
+    return {name: state[name].to(ref.dtype) for name, ref in reference.items()}
+
+
+def evaluate_state(architecture: str, spec: InputSpec, state: StateDict, data: ImageSplit) -> dict[str, float]:
+    """Test accuracy and loss of `state` on `data` (on the data's device)."""
+    return evaluate(instantiate(architecture, spec, state, data.images.device), data)

@@ -1,0 +1,67 @@
+"""Setting up an experiment from its config, shared by every engine: data, split, models, algorithm."""
+
+from __future__ import annotations
+
+from collections import Counter
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from koala.algorithms import Algorithm, ServerData, make_algorithm
+from koala.config import ExperimentConfig
+from koala.data.federated import FederatedSplit, make_federated_split
+from koala.data.sources import load_source
+from koala.errors import ConfigError
+from koala.models import InputSpec
+from koala.seeding import torch_generator
+
+
+@dataclass(frozen=True)
+class Experiment:
+    """Everything a run needs, built and checked before any training starts."""
+
+    config: ExperimentConfig
+    split: FederatedSplit
+    spec: InputSpec
+    algorithm: Algorithm
+    device: torch.device
+
+    def describe(self) -> dict[str, object]:
+        """The facts printed before round 1 and kept in the summary."""
+        models = self.config.models
+        return {
+            "algorithm": self.config.algorithm,
+            "mode": "heterogeneous" if models.heterogeneous else "homogeneous",
+            "dataset": self.config.data.dataset,
+            "large": models.large,
+            "small": dict(sorted(Counter(self.algorithm.assignment).items())),
+            "split": self.split.describe(),
+            "device": str(self.device),
+        }
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("device = 'cuda' but torch sees no GPU here; set device = 'cpu'")
+    return torch.device(name)
+
+
+def prepare_experiment(config: ExperimentConfig) -> Experiment:
+    """Load and split the data, check the models and build the algorithm (nothing written yet)."""
+    if config.threads:
+        torch.set_num_threads(config.threads)
+    device = resolve_device(config.device)
+    source = load_source(config.data.dataset, Path(config.data.dir).expanduser() if config.data.dir else None)
+    split = make_federated_split(source, config.data, config.seed).to(device)
+    spec = InputSpec(source.channels, source.image_size, source.num_classes)
+    server_data = ServerData(split.proxy_images, split.labelled_server, split.test)
+    algorithm = make_algorithm(config, spec, server_data, device)
+    return Experiment(config, split, spec, algorithm, device)
+
+
+def sample_clients(seed: int, round_number: int, num_clients: int, participation: float) -> list[int]:
+    """The round's clients: a seeded draw over the sorted client ids, returned sorted."""
+    count = max(1, round(participation * num_clients))
+    order = torch.randperm(num_clients, generator=torch_generator(seed, "sample", round_number))
+    return sorted(order[:count].tolist())

@@ -1,0 +1,117 @@
+"""End-to-end runs of the local engine on real Fashion-MNIST (a subset) and on digits."""
+
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from koala.config import load_config
+from koala.engine.local import run_local
+from koala.errors import ConfigError, DataError, ModelError
+from koala.run_dir import read_metrics
+
+# A small Fashion-MNIST federation: 3,000 training images, 6 clients, 1,000 test images.
+FMNIST_SMALL = [
+    "data.train-limit=3000", "data.test-limit=1000", "data.num-clients=6", "data.proxy-fraction=0.2",
+    "data.min-client-size=50", "client.epochs=2", "client.lr=0.05", "distill.reverse.epochs=3",
+    "distill.reverse.lr=0.05", "distill.forward.lr=0.05", "distill.batch-size=64", "models.large='resnet18-ds'",
+    "rounds=4", "threads=2",
+]
+
+
+def _run(tmp_path: Path, overrides: list[str], name: str = "run") -> tuple[list[dict[str, Any]], dict[str, Any]]:
+    result = run_local(load_config(None, overrides), tmp_path / name, echo=lambda _: None)
+    return result.metrics, result.summary
+
+
+def _accuracies(metrics: list[dict[str, Any]], model: str) -> list[float]:
+    return [line["eval"][model]["accuracy"] for line in metrics if "eval" in line]
+
+
+def _without_times(metrics: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    return [{k: v for k, v in line.items() if not k.startswith("time-")} for line in metrics]
+
+
+@pytest.mark.integration
+def test_koala_homogeneous_lifts_the_large_model(tmp_path: Path) -> None:
+    metrics, summary = _run(tmp_path, FMNIST_SMALL + ["models.small=['lenet']"])
+    large = _accuracies(metrics, "large")
+    assert large[0] < 0.2  # random start: chance level
+    assert large[-1] > 0.5 and large[-1] > large[0] + 0.35
+    assert _accuracies(metrics, "small:lenet")[-1] > 0.5
+    assert summary["mode"] == "homogeneous" and summary["rounds"] == 4
+    assert all(line["reverse-loss"] > 0 for line in metrics[1:])
+    assert read_metrics(tmp_path / "run") == metrics
+    assert (tmp_path / "run" / "config.toml").is_file() and (tmp_path / "run" / "summary.json").is_file()
+
+
+@pytest.mark.integration
+def test_koala_heterogeneous_fuses_two_architectures(tmp_path: Path) -> None:
+    overrides = FMNIST_SMALL + ["models.small=['lenet','mobilenetv3-small']", "models.small-shares=[0.5,0.5]"]
+    metrics, summary = _run(tmp_path, overrides)
+    assert summary["mode"] == "heterogeneous" and summary["small"] == {"lenet": 3, "mobilenetv3-small": 3}
+    large = _accuracies(metrics, "large")
+    assert large[-1] > 0.45 and large[-1] > large[0] + 0.3
+    assert {"forward-loss:lenet", "forward-loss:mobilenetv3-small"} <= set(metrics[-1])
+
+
+def test_same_seed_gives_identical_metrics(tmp_path: Path) -> None:
+    overrides = ["data.dataset='digits'", "data.num-clients=4", "models.large='lenet'", "models.small=['lenet']",
+                 "rounds=2", "data.min-client-size=20", "distill.batch-size=32"]
+    first, _ = _run(tmp_path, overrides, "a")
+    second, _ = _run(tmp_path, overrides, "b")
+    third, _ = _run(tmp_path, overrides + ["seed=1"], "c")
+    assert _without_times(first) == _without_times(second)
+    assert _without_times(first) != _without_times(third)
+
+
+@pytest.mark.parametrize("algorithm", ["fedavg-large", "fedavg-small"])
+def test_fedavg_baselines_learn(tmp_path: Path, algorithm: str) -> None:
+    overrides = ["data.dataset='digits'", "data.num-clients=4", "models.large='lenet'", "models.small=['lenet']",
+                 "rounds=3", "client.epochs=3", "client.lr=0.05", "client.batch-size=32", f"algorithm='{algorithm}'"]
+    metrics, _ = _run(tmp_path, overrides)
+    model = "large" if algorithm == "fedavg-large" else "small:lenet"
+    assert list(metrics[-1]["eval"]) == [model]
+    accuracy = _accuracies(metrics, model)
+    assert accuracy[-1] > 0.8 and accuracy[-1] > accuracy[0] + 0.5
+
+
+def test_partial_participation_samples_the_configured_share(tmp_path: Path) -> None:
+    overrides = ["data.dataset='digits'", "data.num-clients=10", "client.participation=0.3", "models.large='lenet'",
+                 "models.small=['lenet']", "rounds=2", "eval-every=2", "data.min-client-size=5"]
+    metrics, _ = _run(tmp_path, overrides)
+    assert [line["clients"] for line in metrics[1:]] == [3, 3]
+    assert "eval" not in metrics[1] and "eval" in metrics[2]
+
+
+def test_pretrained_large_start_is_better_than_random(tmp_path: Path) -> None:
+    base = ["data.dataset='digits'", "data.num-clients=4", "models.large='lenet'", "models.small=['lenet']",
+            "rounds=1", "data.proxy-fraction=0.3", "data.proxy-labelled=300"]
+    random_start, _ = _run(tmp_path, base, "random")
+    pretrained, _ = _run(tmp_path, base + ["large-init.kind='pretrain'", "large-init.pretrain.epochs=20"], "pre")
+    assert _accuracies(pretrained, "large")[0] > 0.7 > _accuracies(random_start, "large")[0]
+
+
+@pytest.mark.parametrize(
+    ("overrides", "error", "message"),
+    [
+        (["models.large='resnet-18'"], ModelError, "unknown model 'resnet-18'. Did you mean 'resnet18'?"),
+        (["models.small=['lenet5']"], ModelError, "unknown model 'lenet5'"),
+        (["data.dir='/nonexistent/fmnist'"], DataError, "/nonexistent/fmnist"),
+        (["data.dataset='digits'", "data.num-clients=2000"], DataError, "for 2000 clients"),
+        (["distill.fusion='vote'"], ConfigError, "unknown fusion rule 'vote'"),
+    ],
+)
+def test_bad_input_fails_before_anything_is_written(tmp_path: Path, overrides: list[str], error: type, message: str) -> None:
+    with pytest.raises(error) as info:
+        _run(tmp_path, overrides)
+    assert message in str(info.value)
+    assert not (tmp_path / "run").exists()
+
+
+def test_existing_run_directory_is_not_overwritten(tmp_path: Path) -> None:
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / "metrics.jsonl").write_text("{}\n")
+    with pytest.raises(ConfigError, match="already exists"):
+        _run(tmp_path, ["data.dataset='digits'", "data.num-clients=2", "models.large='lenet'"])
+    assert (tmp_path / "run" / "metrics.jsonl").read_text() == "{}\n"
