@@ -1,0 +1,78 @@
+"""Benchmark: KOALA (both modes) against FedAvg-large and FedAvg-small on the same split and seeds.
+
+Runs each config in configs/ for every seed with the local engine, then prints a Markdown table of
+final test accuracy (mean ± half the range over seeds) for benchmarks/RESULTS.md. The large model's
+round-0 accuracy in the KOALA runs is the server-only pretrained start.
+
+    python benchmarks/baselines.py --seeds 0 1 --rounds 10 --out benchmarks/out
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+from pathlib import Path
+
+from koala.config import load_config
+from koala.engine.local import run_local
+from koala.run_dir import SUMMARY_FILE
+
+CONFIGS = Path(__file__).resolve().parent.parent / "configs"
+METHODS = ["koala-homogeneous", "koala-heterogeneous", "fedavg-large", "fedavg-small"]
+
+
+def run_all(methods: list[str], seeds: list[int], rounds: int, out: Path, overrides: list[str]) -> None:
+    for method in methods:
+        for seed in seeds:
+            run_dir = out / f"{method}-seed{seed}"
+            if (run_dir / SUMMARY_FILE).is_file():
+                print(f"{run_dir} exists, reusing it")
+                continue
+            config = load_config(CONFIGS / f"{method}.toml", [f"seed={seed}", f"rounds={rounds}", *overrides])
+            run_local(config, run_dir)
+
+
+def _cell(values: list[float]) -> str:
+    if not values:
+        return "–"
+    spread = (max(values) - min(values)) / 2
+    return f"{100 * statistics.mean(values):.2f} ± {100 * spread:.2f}"
+
+
+def table(methods: list[str], seeds: list[int], out: Path) -> str:
+    summaries = {
+        (m, s): json.loads((out / f"{m}-seed{s}" / SUMMARY_FILE).read_text())
+        for m in methods for s in seeds if (out / f"{m}-seed{s}" / SUMMARY_FILE).is_file()
+    }
+    rows = ["| method | large model | small model(s) | wall time (s) |", "|---|---|---|---|"]
+    pretrained = [v["start"]["large"]["accuracy"] for (m, _), v in summaries.items() if m == "koala-homogeneous"]
+    rows.append(f"| large model before federated training (pretrained on the server set) | {_cell(pretrained)} | – | – |")
+    for method in methods:
+        runs = [summaries[(method, s)] for s in seeds if (method, s) in summaries]
+        if not runs:
+            continue
+        large = [r["final"]["large"]["accuracy"] for r in runs if "large" in r["final"]]
+        small_models = sorted({k for r in runs for k in r["final"] if k.startswith("small:")})
+        small = ", ".join(f"{k[6:]} {_cell([r['final'][k]['accuracy'] for r in runs])}" for k in small_models)
+        wall = statistics.median(r["wall-time"] for r in runs)
+        rows.append(f"| {method} | {_cell(large)} | {small or '–'} | {wall:.0f} |")
+    return "\n".join(rows)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--methods", nargs="+", default=METHODS, choices=METHODS)
+    parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1])
+    parser.add_argument("--rounds", type=int, default=20)
+    parser.add_argument("--out", type=Path, default=Path("benchmarks/out"))
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="extra config override")
+    parser.add_argument("--table-only", action="store_true", help="only print the table of existing runs")
+    args = parser.parse_args()
+    if not args.table_only:
+        run_all(args.methods, args.seeds, args.rounds, args.out, args.set)
+    print(table(args.methods, args.seeds, args.out))
+
+
+if __name__ == "__main__":
+    main()
