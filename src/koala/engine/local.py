@@ -45,13 +45,13 @@ def train_round(experiment: Experiment, state: ServerState) -> tuple[ServerState
     accepted = algorithm.accept_updates(state, updates, metrics)
     with metrics.timed("server"):
         state = algorithm.server_round(state, accepted, metrics)
-    train_loss = sum(u.metrics["train-loss"] * u.num_examples for u in accepted) / max(1, sum(u.num_examples for u in accepted))
+    examples = sum(u.num_examples for u in accepted)
     line = {
         "round": round_number,
         "clients": len(clients),
         "accepted": len(accepted),
-        "examples": sum(u.num_examples for u in accepted),
-        "train-loss": train_loss,
+        "examples": examples,
+        "train-loss": sum(u.metrics["train-loss"] * u.num_examples for u in accepted) / examples if examples else None,
         **metrics.values,
     }
     if metrics.rejected:
@@ -66,7 +66,8 @@ def format_progress(line: dict[str, Any], total_rounds: int) -> str:
         parts.append(f"{model} {100 * result['accuracy']:.2f}%")
     if line["round"] > 0:
         parts.append(f"clients {line['accepted']}/{line['clients']}")
-        parts.append(f"train-loss {line['train-loss']:.3f}")
+        if line["train-loss"] is not None:
+            parts.append(f"train-loss {line['train-loss']:.3f}")
         parts.append(f"{line['time-round']:.1f} s")
     return "  ".join(parts)
 
@@ -96,7 +97,7 @@ def run_local(config: ExperimentConfig, out_dir: Path | None = None, echo: Echo 
         echo(format_progress(line, config.rounds))
     summary = summarise(history, description, time.perf_counter() - started)
     summary_path = run_dir.write_summary(summary)
-    echo(f"final: " + "  ".join(f"{m} {100 * r['accuracy']:.2f}%" for m, r in summary["final"].items()))
+    echo("final: " + "  ".join(f"{m} {100 * r['accuracy']:.2f}%" for m, r in summary["final"].items()))
     echo(f"wrote {run_dir.path}/ (config.toml, metrics.jsonl, {summary_path.name})")
     return RunResult(run_dir.path, history, summary)
 
