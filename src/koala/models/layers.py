@@ -27,3 +27,19 @@ def conv_bn_act(
     if activation is not None:
         layers.append(activation(inplace=True))
     return nn.Sequential(*layers)
+
+
+def init_weights(model: nn.Module, linear_std: float | None = 0.01) -> None:
+    """torchvision's initialisation: He-normal (fan-out) convolutions, unit BatchNorm, zero biases,
+    and N(0, linear_std) linear layers (PyTorch's default linear init when `linear_std` is None)."""
+    for m in model.modules():
+        if isinstance(m, nn.Conv2d):
+            nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
+            if m.bias is not None:
+                nn.init.zeros_(m.bias)
+        elif isinstance(m, nn.BatchNorm2d):
+            nn.init.ones_(m.weight)
+            nn.init.zeros_(m.bias)
+        elif isinstance(m, nn.Linear) and linear_std is not None:
+            nn.init.normal_(m.weight, 0, linear_std)
+            nn.init.zeros_(m.bias)

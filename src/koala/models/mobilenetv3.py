@@ -10,7 +10,7 @@ from functools import partial
 
 from torch import Tensor, nn
 
-from koala.models.layers import SMALL_IMAGE_MAX_SIZE
+from koala.models.layers import SMALL_IMAGE_MAX_SIZE, init_weights
 from koala.models.layers import conv_bn_act as _conv_bn_act
 from koala.models.registry import InputSpec, register_model
 
@@ -122,20 +122,7 @@ class MobileNetV3Small(nn.Module):
             nn.Dropout(dropout, inplace=True),
             nn.Linear(LAST_CHANNELS, num_classes),
         )
-        self._init_weights()
-
-    def _init_weights(self) -> None:
-        for m in self.modules():
-            if isinstance(m, nn.Conv2d):
-                nn.init.kaiming_normal_(m.weight, mode="fan_out")
-                if m.bias is not None:
-                    nn.init.zeros_(m.bias)
-            elif isinstance(m, nn.BatchNorm2d):
-                nn.init.ones_(m.weight)
-                nn.init.zeros_(m.bias)
-            elif isinstance(m, nn.Linear):
-                nn.init.normal_(m.weight, 0, 0.01)
-                nn.init.zeros_(m.bias)
+        init_weights(self)
 
     def forward(self, x: Tensor) -> Tensor:
         return self.classifier(self.pool(self.features(x)).flatten(1))

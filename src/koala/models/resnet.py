@@ -12,7 +12,7 @@ from typing import Literal
 
 from torch import Tensor, nn
 
-from koala.models.layers import conv_bn_act
+from koala.models.layers import conv_bn_act, init_weights
 from koala.models.registry import InputSpec, register_model
 
 Stem = Literal["cifar", "downsample", "imagenet"]
@@ -78,15 +78,7 @@ class ResNet(nn.Module):
             width = out
         self.stages = nn.Sequential(*stages)
         self.fc = nn.Linear(width, num_classes)
-        self._init_weights()
-
-    def _init_weights(self) -> None:
-        for m in self.modules():
-            if isinstance(m, nn.Conv2d):
-                nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
-            elif isinstance(m, nn.BatchNorm2d):
-                nn.init.ones_(m.weight)
-                nn.init.zeros_(m.bias)
+        init_weights(self, linear_std=None)
 
     def forward(self, x: Tensor) -> Tensor:
         return self.fc(self.stages(self.stem(x)).mean((2, 3)))

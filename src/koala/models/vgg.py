@@ -10,7 +10,7 @@ from typing import Literal
 
 from torch import Tensor, nn
 
-from koala.models.layers import SMALL_IMAGE_MAX_SIZE
+from koala.models.layers import SMALL_IMAGE_MAX_SIZE, init_weights
 from koala.models.registry import InputSpec, register_model
 
 POOL = "M"
@@ -71,19 +71,7 @@ class VGG(nn.Module):
         super().__init__()
         self.features = make_features(CONFIGS[config], spec.channels, spec.image_size, batch_norm)
         self.classifier = make_head(head, spec.num_classes)
-        self._init_weights()
-
-    def _init_weights(self) -> None:
-        for m in self.modules():
-            if isinstance(m, nn.Conv2d):
-                nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
-                nn.init.zeros_(m.bias)
-            elif isinstance(m, nn.BatchNorm2d):
-                nn.init.ones_(m.weight)
-                nn.init.zeros_(m.bias)
-            elif isinstance(m, nn.Linear):
-                nn.init.normal_(m.weight, 0, 0.01)
-                nn.init.zeros_(m.bias)
+        init_weights(self)
 
     def forward(self, x: Tensor) -> Tensor:
         return self.classifier(self.features(x))
