@@ -16,7 +16,7 @@ from pathlib import Path
 
 from koala.config import load_config
 from koala.engine.local import run_local
-from koala.run_dir import SUMMARY_FILE
+from koala.run_dir import SUMMARY_FILE, read_metrics
 
 CONFIGS = Path(__file__).resolve().parent.parent / "configs"
 METHODS = ["koala-homogeneous", "koala-heterogeneous", "fedavg-large", "fedavg-small"]
@@ -36,6 +36,8 @@ def run_all(methods: list[str], seeds: list[int], rounds: int, out: Path, overri
 def _cell(values: list[float]) -> str:
     if not values:
         return "–"
+    if len(values) == 1:
+        return f"{100 * values[0]:.2f} (1 seed)"
     spread = (max(values) - min(values)) / 2
     return f"{100 * statistics.mean(values):.2f} ± {100 * spread:.2f}"
 
@@ -60,6 +62,23 @@ def table(methods: list[str], seeds: list[int], out: Path) -> str:
     return "\n".join(rows)
 
 
+def accuracy_by_round(methods: list[str], seeds: list[int], out: Path) -> str:
+    """A Markdown table: accuracy of each run's large model (or its small model) at every round."""
+    rows = []
+    for method in methods:
+        for seed in seeds:
+            path = out / f"{method}-seed{seed}"
+            if not (path / SUMMARY_FILE).is_file():
+                continue
+            lines = [line for line in read_metrics(path) if "eval" in line]
+            model = "large" if "large" in lines[0]["eval"] else next(iter(lines[0]["eval"]))
+            cells = " | ".join(f"{100 * line['eval'][model]['accuracy']:.1f}" for line in lines)
+            rows.append(f"| {method} ({model}) | {seed} | {cells} |")
+    width = max((row.count("|") - 3 for row in rows), default=0)
+    header = "| run | seed | " + " | ".join(f"r{r}" for r in range(width)) + " |"
+    return "\n".join([header, "|" + "---|" * (width + 2), *rows])
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--methods", nargs="+", default=METHODS, choices=METHODS)
@@ -68,10 +87,14 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=Path("benchmarks/out"))
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="extra config override")
     parser.add_argument("--table-only", action="store_true", help="only print the table of existing runs")
+    parser.add_argument("--by-round", action="store_true", help="also print the large model's accuracy by round")
     args = parser.parse_args()
     if not args.table_only:
         run_all(args.methods, args.seeds, args.rounds, args.out, args.set)
     print(table(args.methods, args.seeds, args.out))
+    if args.by_round:
+        print()
+        print(accuracy_by_round(args.methods, args.seeds, args.out))
 
 
 if __name__ == "__main__":
