@@ -126,7 +126,6 @@ class DistillConfig(_Section):
 
     temperature: float = Field(3.0, gt=0)
     fusion: str = Field("sample-share", description="how heterogeneous teachers are fused")
-    batch_size: int = Field(128, ge=1)
     reverse: OptimizerConfig = Field(default_factory=OptimizerConfig)
     forward: OptimizerConfig = Field(default_factory=OptimizerConfig)
     forward_warmup_rounds: int = Field(
