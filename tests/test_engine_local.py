@@ -14,7 +14,7 @@ from koala.run_dir import read_metrics
 FMNIST_SMALL = [
     "data.train-limit=3000", "data.test-limit=1000", "data.num-clients=6", "data.proxy-fraction=0.2",
     "data.min-client-size=50", "client.epochs=2", "client.lr=0.05", "distill.reverse.epochs=3",
-    "distill.reverse.lr=0.05", "distill.forward.lr=0.05", "distill.batch-size=64", "models.large='resnet18-ds'",
+    "distill.reverse.lr=0.05", "distill.forward.lr=0.05", "models.large='resnet18-ds'",
     "rounds=4", "threads=2",
 ]
 
@@ -57,7 +57,7 @@ def test_koala_heterogeneous_fuses_two_architectures(tmp_path: Path) -> None:
 
 def test_same_seed_gives_identical_metrics(tmp_path: Path) -> None:
     overrides = ["data.dataset='digits'", "data.num-clients=4", "models.large='lenet'", "models.small=['lenet']",
-                 "rounds=2", "data.min-client-size=20", "distill.batch-size=32"]
+                 "rounds=2", "data.min-client-size=20", "distill.reverse.batch-size=32", "distill.forward.batch-size=32"]
     first, _ = _run(tmp_path, overrides, "a")
     second, _ = _run(tmp_path, overrides, "b")
     third, _ = _run(tmp_path, overrides + ["seed=1"], "c")

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import torch
 
+from koala.accounting import CostTable
 from koala.algorithms import Algorithm, ServerData, make_algorithm
 from koala.config import ExperimentConfig
 from koala.data.federated import FederatedSplit, make_federated_split
@@ -26,6 +27,11 @@ class Experiment:
     spec: InputSpec
     algorithm: Algorithm
     device: torch.device
+    costs: CostTable
+
+    def client_architectures(self) -> dict[int, str]:
+        """The architecture every client trains, by client id."""
+        return {cid: self.algorithm.client_architecture(cid) for cid in range(self.config.data.num_clients)}
 
     def describe(self) -> dict[str, object]:
         """The facts printed before round 1 and kept in the summary."""
@@ -57,7 +63,8 @@ def prepare_experiment(config: ExperimentConfig) -> Experiment:
     spec = InputSpec(source.channels, source.image_size, source.num_classes)
     server_data = ServerData(split.proxy_images, split.labelled_server, split.test)
     algorithm = make_algorithm(config, spec, server_data, device)
-    return Experiment(config, split, spec, algorithm, device)
+    costs = CostTable(spec, config.client.batch_size, momentum=config.client.momentum > 0)
+    return Experiment(config, split, spec, algorithm, device, costs)
 
 
 def sample_clients(seed: int, round_number: int, num_clients: int, participation: float) -> list[int]:

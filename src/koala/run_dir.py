@@ -15,6 +15,7 @@ from koala.errors import ConfigError
 CONFIG_FILE = "config.toml"
 METRICS_FILE = "metrics.jsonl"
 SUMMARY_FILE = "summary.json"
+RESOURCES_FILE = "resources.json"
 
 
 def default_run_dir(config: ExperimentConfig, root: Path = Path("runs")) -> Path:
@@ -38,9 +39,10 @@ class RunDirectory:
         with (self.path / METRICS_FILE).open("a") as handle:
             handle.write(json.dumps(line, sort_keys=True) + "\n")
 
-    def write_summary(self, summary: dict[str, Any]) -> Path:
-        target = self.path / SUMMARY_FILE
-        target.write_text(json.dumps(summary, indent=2, sort_keys=True) + "\n")
+    def write_json(self, name: str, content: dict[str, Any]) -> Path:
+        """Write `content` as indented JSON to the run's file `name`."""
+        target = self.path / name
+        target.write_text(json.dumps(content, indent=2, sort_keys=True) + "\n")
         return target
 
 

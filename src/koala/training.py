@@ -19,14 +19,28 @@ from koala.distill import kd_loss
 BatchLoss = Callable[[torch.Tensor], torch.Tensor]
 
 
+def _drops_last(num_examples: int, batch_size: int) -> bool:
+    """Whether an epoch drops a trailing batch of one example (BatchNorm cannot train on it)."""
+    return num_examples > 1 and num_examples % batch_size == 1
+
+
+def samples_per_epoch(num_examples: int, batch_size: int) -> int:
+    """How many examples one epoch of `shuffled_batches` trains on (what the FLOP accounting counts)."""
+    return num_examples - 1 if _drops_last(num_examples, batch_size) else num_examples
+
+
+def trained_samples(num_examples: int, settings: OptimizerConfig) -> int:
+    """Examples processed by `sgd_train` over all its epochs."""
+    return settings.epochs * samples_per_epoch(num_examples, settings.batch_size)
+
+
 def shuffled_batches(num_examples: int, batch_size: int, generator: torch.Generator, device: torch.device) -> Iterator[torch.Tensor]:
     """Index batches of one epoch in a seeded random order. A trailing batch of one example is
     dropped, since BatchNorm cannot train on it."""
     order = torch.randperm(num_examples, generator=generator).to(device)
-    for start in range(0, num_examples, batch_size):
-        batch = order[start : start + batch_size]
-        if len(batch) > 1 or num_examples == 1:
-            yield batch
+    stop = samples_per_epoch(num_examples, batch_size)
+    for start in range(0, stop, batch_size):
+        yield order[start : min(start + batch_size, stop)]
 
 
 def sgd_train(model: nn.Module, num_examples: int, batch_loss: BatchLoss, settings: OptimizerConfig, generator: torch.Generator) -> float:

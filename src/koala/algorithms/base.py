@@ -9,11 +9,12 @@ from __future__ import annotations
 
 import time
 from abc import ABC, abstractmethod
+from collections import Counter
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import torch
 
@@ -25,7 +26,9 @@ from koala.data.dataset import ImageSplit
 from koala.errors import UpdateRejected
 from koala.models import InputSpec, model_entry
 from koala.seeding import torch_generator
-from koala.training import train_supervised
+from koala.training import trained_samples, train_supervised
+
+WorkKind = Literal["train", "inference"]
 
 
 @dataclass(frozen=True)
@@ -61,6 +64,12 @@ class RoundMetrics:
 
     values: dict[str, Any] = field(default_factory=dict)
     rejected: list[dict[str, Any]] = field(default_factory=list)
+    work: Counter[tuple[str, WorkKind]] = field(default_factory=Counter)
+    """Server compute of the round: samples passed through each architecture, per kind of pass."""
+
+    def add_work(self, architecture: str, kind: WorkKind, samples: int) -> None:
+        """Record `samples` training (forward + backward) or inference passes of `architecture`."""
+        self.work[(architecture, kind)] += samples
 
     @contextmanager
     def timed(self, phase: str) -> Iterator[None]:
@@ -89,8 +98,8 @@ class Algorithm(ABC):
         """The architecture that `client_id` trains."""
 
     @abstractmethod
-    def initial_state(self) -> ServerState:
-        """The server state before round 1."""
+    def initial_state(self, metrics: RoundMetrics) -> ServerState:
+        """The server state before round 1 (any server work it takes goes into `metrics`)."""
 
     def client_weights(self, state: ServerState, client_id: int) -> StateDict:
         """The current weights of the model that `client_id` trains (by default its small model)."""
@@ -129,7 +138,7 @@ class Algorithm(ABC):
         return results
 
     # -- shared building blocks -----------------------------------------------------------------
-    def initial_large_state(self) -> StateDict:
+    def initial_large_state(self, metrics: RoundMetrics) -> StateDict:
         """The large model's start: random, a local weights file, or pretrained on the labelled server set."""
         arch, init = self.config.models.large, self.config.large_init
         state = initial_state(arch, self.spec, self.config.seed)
@@ -140,6 +149,7 @@ class Algorithm(ABC):
             assert labelled is not None  # the config validator guarantees a labelled server set
             model = instantiate(arch, self.spec, state, self.device)
             train_supervised(model, labelled, init.pretrain, torch_generator(self.config.seed, "pretrain"))
+            metrics.add_work(arch, "train", trained_samples(len(labelled), init.pretrain))
             return module_state(model)
         return state
 

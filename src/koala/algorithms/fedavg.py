@@ -21,8 +21,8 @@ class FedAvgLarge(Algorithm):
         assert state.large is not None
         return state.large
 
-    def initial_state(self) -> ServerState:
-        return ServerState(round=0, large=self.initial_large_state(), small={})
+    def initial_state(self, metrics: RoundMetrics) -> ServerState:
+        return ServerState(round=0, large=self.initial_large_state(metrics), small={})
 
     def server_round(self, state: ServerState, updates: Sequence[ClientUpdate], metrics: RoundMetrics) -> ServerState:
         with metrics.timed("aggregate"):
@@ -39,7 +39,7 @@ class FedAvgSmall(Algorithm):
     def client_architecture(self, client_id: int) -> str:
         return self.assignment[client_id]
 
-    def initial_state(self) -> ServerState:
+    def initial_state(self, metrics: RoundMetrics) -> ServerState:
         return ServerState(round=0, large=None, small=self.initial_small_states(self.config.models.small))
 
     def server_round(self, state: ServerState, updates: Sequence[ClientUpdate], metrics: RoundMetrics) -> ServerState:

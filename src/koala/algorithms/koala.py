@@ -15,7 +15,7 @@ from koala.algorithms.base import Algorithm, RoundMetrics, ServerState
 from koala.algorithms.models import instantiate, module_state
 from koala.distill import fusion_rule, soft_targets
 from koala.seeding import torch_generator
-from koala.training import predict_logits, train_distill
+from koala.training import predict_logits, train_distill, trained_samples
 
 
 class Koala(Algorithm):
@@ -30,10 +30,10 @@ class Koala(Algorithm):
     def client_architecture(self, client_id: int) -> str:
         return self.assignment[client_id]
 
-    def initial_state(self) -> ServerState:
+    def initial_state(self, metrics: RoundMetrics) -> ServerState:
         return ServerState(
             round=0,
-            large=self.initial_large_state(),
+            large=self.initial_large_state(metrics),
             small=self.initial_small_states(self.config.models.small),
         )
 
@@ -51,32 +51,34 @@ class Koala(Algorithm):
                 small = self._forward_distill(large_model, small, round_number, metrics)
         return ServerState(round_number, module_state(large_model), small)
 
-    def teacher_targets(self, groups: dict[str, GroupAggregate]) -> torch.Tensor:
+    def teacher_targets(self, groups: dict[str, GroupAggregate], metrics: RoundMetrics) -> torch.Tensor:
         """The fused soft targets of the round's aggregated small models on the proxy set."""
         temperature, proxy = self.config.distill.temperature, self.server_data.proxy_images
-        probs = torch.stack(
-            [
-                soft_targets(predict_logits(instantiate(arch, self.spec, g.state, self.device), proxy), temperature)
-                for arch, g in groups.items()
-            ]
-        )
-        counts = torch.tensor([g.num_examples for g in groups.values()], device=probs.device)
-        return self.fuse(probs, counts)
+        probs = []
+        for arch, group in groups.items():
+            teacher = instantiate(arch, self.spec, group.state, self.device)
+            probs.append(soft_targets(predict_logits(teacher, proxy), temperature))
+            metrics.add_work(arch, "inference", len(proxy))
+        counts = torch.tensor([g.num_examples for g in groups.values()], device=proxy.device)
+        return self.fuse(torch.stack(probs), counts)
 
     def _reverse_distill(self, large: StateDict | None, groups: dict[str, GroupAggregate], round_number: int, metrics: RoundMetrics) -> torch.nn.Module:
         assert large is not None
         distill = self.config.distill
-        targets = self.teacher_targets(groups)
+        targets = self.teacher_targets(groups, metrics)
         student = instantiate(self.config.models.large, self.spec, large, self.device)
+        proxy = self.server_data.proxy_images
         metrics.values["reverse-loss"] = train_distill(
-            student, self.server_data.proxy_images, targets, distill.temperature, distill.reverse,
+            student, proxy, targets, distill.temperature, distill.reverse,
             torch_generator(self.config.seed, "reverse-distill", round_number),
         )
+        metrics.add_work(self.config.models.large, "train", trained_samples(len(proxy), distill.reverse))
         return student
 
     def _forward_distill(self, large_model: torch.nn.Module, small: dict[str, StateDict], round_number: int, metrics: RoundMetrics) -> dict[str, StateDict]:
         distill, proxy = self.config.distill, self.server_data.proxy_images
         targets = soft_targets(predict_logits(large_model, proxy), distill.temperature)
+        metrics.add_work(self.config.models.large, "inference", len(proxy))
         result = {}
         for arch, weights in small.items():
             student = instantiate(arch, self.spec, weights, self.device)
@@ -84,5 +86,6 @@ class Koala(Algorithm):
                 student, proxy, targets, distill.temperature, distill.forward,
                 torch_generator(self.config.seed, "forward-distill", round_number, arch),
             )
+            metrics.add_work(arch, "train", trained_samples(len(proxy), distill.forward))
             result[arch] = module_state(student)
         return result

@@ -9,11 +9,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from koala.accounting import ClientExchange, payload_bytes, resources_summary, round_resources
 from koala.algorithms import RoundMetrics, ServerState, local_train
 from koala.config import ExperimentConfig
 from koala.experiment import Experiment, prepare_experiment, sample_clients
-from koala.run_dir import RunDirectory, default_run_dir
+from koala.run_dir import CONFIG_FILE, METRICS_FILE, RESOURCES_FILE, SUMMARY_FILE, RunDirectory, default_run_dir
 from koala.seeding import derive_seed
+from koala.training import trained_samples
 
 Echo = Callable[[str], None]
 
@@ -31,17 +33,16 @@ def train_round(experiment: Experiment, state: ServerState) -> tuple[ServerState
     round_number = state.round + 1
     clients = sample_clients(config.seed, round_number, config.data.num_clients, config.client.participation)
     metrics = RoundMetrics()
+    updates, exchanges = [], []
     with metrics.timed("clients"):
-        updates = [
-            local_train(
-                algorithm.client_task(state, cid),
-                experiment.split.client_data(cid),
-                config,
-                experiment.spec,
-                derive_seed(config.seed, "client", round_number, cid),
-            )
-            for cid in clients
-        ]
+        for cid in clients:
+            task, data = algorithm.client_task(state, cid), experiment.split.client_data(cid)
+            update = local_train(task, data, config, experiment.spec, derive_seed(config.seed, "client", round_number, cid))
+            updates.append(update)
+            exchanges.append(ClientExchange(
+                cid, task.architecture, payload_bytes(task.state), payload_bytes(update.state),
+                trained_samples(len(data), config.client),
+            ))
     accepted = algorithm.accept_updates(state, updates, metrics)
     with metrics.timed("server"):
         state = algorithm.server_round(state, accepted, metrics)
@@ -53,6 +54,7 @@ def train_round(experiment: Experiment, state: ServerState) -> tuple[ServerState
         "examples": examples,
         "train-loss": sum(u.metrics["train-loss"] * u.num_examples for u in accepted) / examples if examples else None,
         **metrics.values,
+        "resources": round_resources(experiment.costs, exchanges, metrics.work),
     }
     if metrics.rejected:
         line["rejected"] = metrics.rejected
@@ -78,12 +80,19 @@ def run_local(config: ExperimentConfig, out_dir: Path | None = None, echo: Echo 
     run_dir = RunDirectory(out_dir or default_run_dir(config))
     algorithm = experiment.algorithm
     started = time.perf_counter()
-    state = algorithm.initial_state()
+    start_metrics = RoundMetrics()
+    with start_metrics.timed("start"):
+        state = algorithm.initial_state(start_metrics)
     run_dir.start(config)
     description = experiment.describe()
     echo(f"{description['algorithm']} ({description['mode']}) on {description['dataset']}: large {description['large']}, "
          f"small {description['small']}, split {description['split']}")
-    history = [{"round": 0, "eval": algorithm.evaluate(state)}]
+    history = [{
+        "round": 0,
+        "eval": algorithm.evaluate(state),
+        **start_metrics.values,
+        "resources": round_resources(experiment.costs, [], start_metrics.work),
+    }]
     run_dir.append_metrics(history[0])
     echo(format_progress(history[0], config.rounds))
     for round_number in range(1, config.rounds + 1):
@@ -95,15 +104,35 @@ def run_local(config: ExperimentConfig, out_dir: Path | None = None, echo: Echo 
         run_dir.append_metrics(line)
         history.append(line)
         echo(format_progress(line, config.rounds))
-    summary = summarise(history, description, time.perf_counter() - started)
-    summary_path = run_dir.write_summary(summary)
+    resources = resources_summary(experiment.costs, config.models.large, experiment.client_architectures(), history)
+    run_dir.write_json(RESOURCES_FILE, resources)
+    summary = summarise(history, description, time.perf_counter() - started, resources)
+    run_dir.write_json(SUMMARY_FILE, summary)
     echo("final: " + "  ".join(f"{m} {100 * r['accuracy']:.2f}%" for m, r in summary["final"].items()))
-    echo(f"wrote {run_dir.path}/ (config.toml, metrics.jsonl, {summary_path.name})")
+    echo(format_savings(resources))
+    echo(f"wrote {run_dir.path}/ ({CONFIG_FILE}, {METRICS_FILE}, {RESOURCES_FILE}, {SUMMARY_FILE})")
     return RunResult(run_dir.path, history, summary)
 
 
-def summarise(history: list[dict[str, Any]], description: dict[str, Any], wall_time: float) -> dict[str, Any]:
-    """Start, final and best test accuracy per model, with the experiment's description."""
+def format_savings(resources: dict[str, Any]) -> str:
+    """One line: what the clients sent, received and computed, and the savings against FedAvg-large."""
+    totals, saved = resources["totals"], resources["reductions-vs-fedavg-large"]
+
+    def pct(key: str) -> str:
+        return "n/a" if saved[key] is None else f"{100 * saved[key]:.1f}%"
+
+    return (
+        f"clients: {totals['bytes-down'] / 1e6:.1f} MB down, {totals['bytes-up'] / 1e6:.1f} MB up, "
+        f"{totals['client-flops'] / 1e12:.3f} TFLOP; against FedAvg-large: storage -{pct('storage')}, "
+        f"FLOPs -{pct('client-flops')}, bytes up -{pct('bytes-up')}, bytes down -{pct('bytes-down')}"
+    )
+
+
+def summarise(
+    history: list[dict[str, Any]], description: dict[str, Any], wall_time: float, resources: dict[str, Any]
+) -> dict[str, Any]:
+    """Start, final and best test accuracy per model, the resource totals and reductions, with the
+    experiment's description."""
     evaluated = [line for line in history if "eval" in line]
     best = {
         model: max(line["eval"][model]["accuracy"] for line in evaluated)
@@ -116,4 +145,8 @@ def summarise(history: list[dict[str, Any]], description: dict[str, Any], wall_t
         "final": evaluated[-1]["eval"],
         "best-accuracy": best,
         "wall-time": round(wall_time, 2),
+        "resources": resources["totals"],
+        "reductions-vs-fedavg-large": {
+            k: v for k, v in resources["reductions-vs-fedavg-large"].items() if k != "per-architecture"
+        },
     }

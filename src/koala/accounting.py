@@ -1,0 +1,255 @@
+"""What a run costs: parameters, serialized bytes, FLOPs and training memory per architecture, and
+the bytes, client FLOPs and server FLOPs of every round, with the reductions against FedAvg-large.
+
+Costs per sample are measured once per architecture on the meta device (shapes only: nothing is
+allocated, no random stream is touched), so even ImageNet-sized VGG-19 is measured in a second.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import asdict, dataclass
+from functools import cache
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from safetensors.torch import save as safetensors_bytes
+from torch.utils.flop_counter import FlopCounterMode
+
+from koala.models import InputSpec, build_model, count_parameters
+
+TRAIN_MEMORY_METHOD = (
+    "one SGD step at the client batch size: weights and buffers, gradients, the momentum buffer "
+    "(when momentum > 0) and the activations autograd saves for the backward pass (measured with "
+    "saved-tensor hooks on the meta device, counted once per storage); allocator overhead and "
+    "short-lived temporaries are not included"
+)
+
+
+@dataclass(frozen=True)
+class ModelCost:
+    """The per-architecture figures of resources.json."""
+
+    architecture: str
+    parameters: int
+    state_bytes: int
+    train_flops_per_sample: int
+    inference_flops_per_sample: int
+    train_memory_bytes: int
+    batch_size: int
+
+    def as_dict(self) -> dict[str, Any]:
+        return {key.replace("_", "-"): value for key, value in asdict(self).items()}
+
+
+def payload_bytes(state: Mapping[str, torch.Tensor]) -> int:
+    """Length of `state` serialized as safetensors: the bytes a model costs on the wire and on disk.
+
+    The length depends only on tensor names, dtypes and shapes (the safetensors header lists those,
+    the body is the raw data), so it is serialized once per signature and remembered.
+    """
+    signature = tuple((name, str(t.dtype), tuple(t.shape)) for name, t in sorted(state.items()))
+    return _serialized_length(signature)
+
+
+@cache
+def _serialized_length(signature: tuple[tuple[str, str, tuple[int, ...]], ...]) -> int:
+    tensors = {name: torch.empty(shape, dtype=getattr(torch, dtype.removeprefix("torch."))) for name, dtype, shape in signature}
+    return len(safetensors_bytes(tensors))
+
+
+def _meta_model_and_batch(architecture: str, spec: InputSpec, batch_size: int) -> tuple[torch.nn.Module, torch.Tensor, torch.Tensor]:
+    with torch.device("meta"):
+        model = build_model(architecture, spec)
+        images = torch.empty(batch_size, spec.channels, spec.image_size, spec.image_size)
+        labels = torch.zeros(batch_size, dtype=torch.long)
+    return model, images, labels
+
+
+def train_step_flops(model: torch.nn.Module, images: torch.Tensor, labels: torch.Tensor) -> int:
+    """FLOPs of one forward + cross-entropy + backward pass in train mode (2 per multiply-add,
+    counted by `torch.utils.flop_counter` for matmul- and conv-type operations)."""
+    model.train()
+    with FlopCounterMode(display=False) as counter:
+        F.cross_entropy(model(images), labels).backward()
+    return counter.get_total_flops()
+
+
+def inference_flops(model: torch.nn.Module, images: torch.Tensor) -> int:
+    """FLOPs of one forward pass in eval mode without autograd."""
+    model.eval()
+    with torch.no_grad(), FlopCounterMode(display=False) as counter:
+        model(images)
+    return counter.get_total_flops()
+
+
+def saved_activation_bytes(model: torch.nn.Module, images: torch.Tensor, labels: torch.Tensor) -> int:
+    """Bytes of the tensors autograd keeps for the backward pass of one training step, each storage
+    counted once and the model's own parameters left out."""
+    parameters = {p.untyped_storage()._cdata for p in model.parameters()}
+    saved: dict[int, int] = {}
+
+    def pack(tensor: torch.Tensor) -> torch.Tensor:
+        storage = tensor.untyped_storage()
+        if storage._cdata not in parameters:
+            saved[storage._cdata] = storage.nbytes()
+        return tensor
+
+    model.train()
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
+        F.cross_entropy(model(images), labels)
+    return sum(saved.values())
+
+
+def measure_model(architecture: str, spec: InputSpec, batch_size: int = 64, momentum: bool = True) -> ModelCost:
+    """Parameters, serialized bytes, FLOPs per sample and training-step memory of `architecture`.
+
+    FLOPs are measured on a batch of at least 2 (BatchNorm needs 2 in train mode) and divided by it.
+    """
+    flop_batch = max(batch_size, 2)
+    model, images, labels = _meta_model_and_batch(architecture, spec, flop_batch)
+    state = model.state_dict()
+    parameter_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
+    tensor_bytes = sum(t.numel() * t.element_size() for t in state.values())
+    train = train_step_flops(model, images, labels)
+    model.zero_grad(set_to_none=True)
+    memory = tensor_bytes + parameter_bytes * (2 if momentum else 1)
+    memory += saved_activation_bytes(model, images[:batch_size], labels[:batch_size])
+    return ModelCost(
+        architecture=architecture,
+        parameters=count_parameters(model),
+        state_bytes=payload_bytes(state),
+        train_flops_per_sample=train // flop_batch,
+        inference_flops_per_sample=inference_flops(model, images) // flop_batch,
+        train_memory_bytes=memory,
+        batch_size=batch_size,
+    )
+
+
+class CostTable:
+    """Measures each architecture once and turns samples into FLOPs."""
+
+    def __init__(self, spec: InputSpec, batch_size: int, momentum: bool) -> None:
+        self.spec, self.batch_size, self.momentum = spec, batch_size, momentum
+        self._costs: dict[str, ModelCost] = {}
+
+    def __getitem__(self, architecture: str) -> ModelCost:
+        if architecture not in self._costs:
+            self._costs[architecture] = measure_model(architecture, self.spec, self.batch_size, self.momentum)
+        return self._costs[architecture]
+
+    def flops(self, architecture: str, kind: str, samples: int) -> int:
+        cost = self[architecture]
+        per_sample = cost.train_flops_per_sample if kind == "train" else cost.inference_flops_per_sample
+        return per_sample * samples
+
+    def server_flops(self, work: Mapping[tuple[str, str], int]) -> int:
+        """FLOPs of the server's recorded work ((architecture, kind) -> samples)."""
+        return sum(self.flops(arch, kind, samples) for (arch, kind), samples in work.items())
+
+
+@dataclass(frozen=True)
+class ClientExchange:
+    """One client's round as the server saw it: what was sent, what came back, and its training."""
+
+    client_id: int
+    architecture: str
+    bytes_down: int
+    bytes_up: int
+    trained_samples: int
+
+
+def round_resources(costs: CostTable, exchanges: Sequence[ClientExchange], server_work: Mapping[tuple[str, str], int]) -> dict[str, Any]:
+    """The `resources` entry of a round's metrics line: totals, and one record per client."""
+    clients = [
+        {
+            "client": e.client_id,
+            "architecture": e.architecture,
+            "bytes-down": e.bytes_down,
+            "bytes-up": e.bytes_up,
+            "trained-samples": e.trained_samples,
+            "flops": costs.flops(e.architecture, "train", e.trained_samples),
+        }
+        for e in exchanges
+    ]
+    return {
+        "bytes-down": sum(c["bytes-down"] for c in clients),
+        "bytes-up": sum(c["bytes-up"] for c in clients),
+        "replies": sum(1 for e in exchanges if e.bytes_up > 0),
+        "trained-samples": sum(c["trained-samples"] for c in clients),
+        "client-flops": sum(c["flops"] for c in clients),
+        "server-flops": costs.server_flops(server_work),
+        "per-client": clients,
+    }
+
+
+TOTAL_KEYS = ("bytes-down", "bytes-up", "replies", "trained-samples", "client-flops", "server-flops")
+
+
+def total_resources(lines: Iterable[Mapping[str, Any]]) -> dict[str, int]:
+    """Sums of the per-round `resources` entries over a run's metrics lines."""
+    totals: Counter[str] = Counter({key: 0 for key in TOTAL_KEYS})
+    sent = 0
+    for line in lines:
+        resources = line.get("resources")
+        if resources:
+            totals.update({key: resources.get(key, 0) for key in TOTAL_KEYS})
+            sent += len(resources.get("per-client", []))
+    return {**totals, "clients-sent": sent}
+
+
+def reduction(ours: float, theirs: float) -> float | None:
+    """1 - ours / theirs: the fraction saved against a baseline (None when the baseline is 0)."""
+    return None if theirs == 0 else 1 - ours / theirs
+
+
+def reductions_against_fedavg_large(
+    costs: CostTable, large: str, client_architectures: Mapping[int, str], totals: Mapping[str, int]
+) -> dict[str, Any]:
+    """What clients save against FedAvg-large, where the same clients would train, download and
+    upload the large model on the same samples.
+
+    Storage and training memory are per architecture and averaged over clients; FLOPs and bytes
+    are the run's totals against the same totals for the large model.
+    """
+    large_cost = costs[large]
+    share = Counter(client_architectures.values())
+    n_clients = sum(share.values())
+
+    def per_client_mean(field: str) -> float:
+        return sum(getattr(costs[arch], field) * count for arch, count in share.items()) / n_clients
+
+    per_architecture = {
+        arch: {
+            "storage": reduction(costs[arch].state_bytes, large_cost.state_bytes),
+            "training-flops-per-sample": reduction(costs[arch].train_flops_per_sample, large_cost.train_flops_per_sample),
+            "training-memory": reduction(costs[arch].train_memory_bytes, large_cost.train_memory_bytes),
+        }
+        for arch in sorted(share)
+    }
+    return {
+        "storage": reduction(per_client_mean("state_bytes"), large_cost.state_bytes),
+        "training-memory": reduction(per_client_mean("train_memory_bytes"), large_cost.train_memory_bytes),
+        "client-flops": reduction(totals["client-flops"], totals["trained-samples"] * large_cost.train_flops_per_sample),
+        "bytes-down": reduction(totals["bytes-down"], totals["clients-sent"] * large_cost.state_bytes),
+        "bytes-up": reduction(totals["bytes-up"], totals["replies"] * large_cost.state_bytes),
+        "per-architecture": per_architecture,
+    }
+
+
+def resources_summary(
+    costs: CostTable, large: str, client_architectures: Mapping[int, str], lines: Sequence[Mapping[str, Any]]
+) -> dict[str, Any]:
+    """The content of resources.json: per-architecture costs, the run's totals and the reductions."""
+    totals = total_resources(lines)
+    architectures = sorted({large, *client_architectures.values()})
+    return {
+        "architectures": {arch: costs[arch].as_dict() for arch in architectures},
+        "input": [costs.spec.channels, costs.spec.image_size, costs.spec.image_size],
+        "classes": costs.spec.num_classes,
+        "train-memory-method": TRAIN_MEMORY_METHOD,
+        "totals": totals,
+        "reductions-vs-fedavg-large": reductions_against_fedavg_large(costs, large, client_architectures, totals),
+    }
