@@ -8,10 +8,6 @@ from safetensors.torch import load_file, save_file
 
 from koala.errors import ModelError
 from koala.models import InputSpec, build_model, count_parameters, model_entry, model_names
-from koala.models.mobilenetv3 import MobileNetV3Small
-from koala.models.resnet import LAYERS_18, ResNet
-from koala.models.shufflenetv2 import ShuffleNetV2
-from koala.models.vgg import VGG
 
 MNIST = InputSpec(channels=1, image_size=28, num_classes=10)
 CIFAR = InputSpec(channels=3, image_size=32, num_classes=10)
@@ -20,6 +16,7 @@ SPECS = [pytest.param(MNIST, id="1x28x28"), pytest.param(CIFAR, id="3x32x32")]
 # Recorded parameter counts: (1x28x28, 10 classes), (3x32x32, 10 classes).
 PARAMETERS: dict[str, tuple[int, int]] = {
     "lenet": (105_866, 136_874),
+    "mobilenetv2": (2_236_106, 2_236_682),
     "mobilenetv3-small": (1_527_818, 1_528_106),
     "shufflenetv2": (1_263_422, 1_263_854),
     "shufflenetv2-0.5": (351_610, 352_042),
@@ -30,6 +27,17 @@ PARAMETERS: dict[str, tuple[int, int]] = {
     "resnet34": (21_280_970, 21_282_122),
     "resnet18-ds": (11_172_810, 11_173_962),
     "resnet34-ds": (21_280_970, 21_282_122),
+}
+SMALL_IMAGE_MODELS = sorted(PARAMETERS)
+
+# torchvision's published parameter counts of the ImageNet models (3x224x224, 1000 classes).
+IMAGENET = InputSpec(channels=3, image_size=224, num_classes=1000)
+IMAGENET_PARAMETERS = {
+    "vgg19-imagenet": 143_667_240,
+    "resnet18-imagenet": 11_689_512,
+    "mobilenetv2-imagenet": 3_504_872,
+    "mobilenetv3-small-imagenet": 2_542_856,
+    "shufflenetv2-imagenet": 2_278_604,
 }
 
 
@@ -44,11 +52,11 @@ def _batch(spec: InputSpec, seed: int = 1) -> torch.Tensor:
 
 
 def test_every_model_has_a_recorded_count():
-    assert set(model_names()) == set(PARAMETERS)
+    assert set(model_names()) == set(PARAMETERS) | set(IMAGENET_PARAMETERS)
 
 
 @pytest.mark.parametrize("spec", SPECS)
-@pytest.mark.parametrize("name", model_names())
+@pytest.mark.parametrize("name", SMALL_IMAGE_MODELS)
 def test_output_shape_and_parameter_count(name: str, spec: InputSpec):
     model = _build(name, spec)
     assert count_parameters(model) == PARAMETERS[name][0 if spec is MNIST else 1]
@@ -61,7 +69,7 @@ def test_output_shape_and_parameter_count(name: str, spec: InputSpec):
 
 
 @pytest.mark.parametrize("spec", SPECS)
-@pytest.mark.parametrize("name", model_names())
+@pytest.mark.parametrize("name", SMALL_IMAGE_MODELS)
 def test_state_dict_round_trip(name: str, spec: InputSpec, tmp_path):
     model = _build(name, spec, seed=0)
     with torch.no_grad():
@@ -86,7 +94,7 @@ def test_builds_on_the_meta_device(name: str):
 
 
 @pytest.mark.parametrize("spec", SPECS)
-@pytest.mark.parametrize("name", model_names("small"))
+@pytest.mark.parametrize("name", sorted(set(model_names("small")) & set(SMALL_IMAGE_MODELS)))
 def test_small_models_backpropagate(name: str, spec: InputSpec):
     model = _build(name, spec)
     model.train()
@@ -99,8 +107,11 @@ def test_small_models_backpropagate(name: str, spec: InputSpec):
 
 
 def test_roles():
-    assert set(model_names("small")) == {"lenet", "mobilenetv3-small", "shufflenetv2", "shufflenetv2-0.5"}
-    assert set(model_names("large")) == set(PARAMETERS) - set(model_names("small"))
+    assert set(model_names("small")) == {
+        "lenet", "mobilenetv2", "mobilenetv3-small", "shufflenetv2", "shufflenetv2-0.5",
+        "mobilenetv2-imagenet", "mobilenetv3-small-imagenet", "shufflenetv2-imagenet",
+    }
+    assert set(model_names("large")) == set(model_names()) - set(model_names("small"))
     assert all(model_entry(name).description for name in model_names())
 
 
@@ -117,25 +128,13 @@ def test_unknown_name_without_close_match():
         model_entry("transformer-xxl")
 
 
-# The ImageNet variants a later issue registers must match torchvision's parameter counts.
-
-
-def test_mobilenetv3_small_imagenet_count():
-    assert count_parameters(MobileNetV3Small(3, 1000, stem_stride=2)) == 2_542_856
-
-
-def test_shufflenetv2_imagenet_count():
-    assert count_parameters(ShuffleNetV2(3, 1000, stem="imagenet")) == 2_278_604
-
-
-def test_vgg19_imagenet_count():
-    with torch.device("meta"):  # 143M parameters: count them without allocating or initialising
-        model = VGG("E", InputSpec(3, 224, 1000), batch_norm=False, head="imagenet")
-    assert count_parameters(model) == 143_667_240
-
-
-def test_resnet18_imagenet_count():
-    assert count_parameters(ResNet(LAYERS_18, 3, 1000, stem="imagenet")) == 11_689_512
+@pytest.mark.parametrize("name", sorted(IMAGENET_PARAMETERS))
+def test_imagenet_variants_match_torchvision(name: str):
+    with torch.device("meta"):  # VGG-19 has 143M parameters: count and run it without allocating any
+        model = build_model(name, IMAGENET)
+        logits = model.eval()(torch.empty(2, 3, 224, 224))
+    assert count_parameters(model) == IMAGENET_PARAMETERS[name]
+    assert logits.shape == (2, 1000)
 
 
 def test_vgg_skips_pools_on_a_1x1_map():

@@ -6,7 +6,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from koala.errors import KoalaError
+from koala.errors import ConfigError, KoalaError
 
 
 def _run(args: argparse.Namespace) -> None:
@@ -24,15 +24,60 @@ def _download(args: argparse.Namespace) -> None:
     print(f"{args.name} is ready in {path}")
 
 
-def _models(args: argparse.Namespace) -> None:
-    from koala.models import InputSpec, build_model, count_parameters, model_entry, model_names
+def _input_spec(text: str, classes: int):
+    """An InputSpec from "C,H,W" (or "C,SIZE"); models take square images."""
+    from koala.models import InputSpec
 
-    channels, size = (int(v) for v in args.input.split(","))
-    spec = InputSpec(channels, size, args.classes)
-    print(f"{'name':<20} {'role':<6} {'parameters':>12}  description")
+    try:
+        dims = [int(v) for v in text.split(",")]
+    except ValueError:
+        dims = []
+    if len(dims) not in (2, 3) or min(dims) < 1:
+        raise ConfigError(f"--input {text!r}: expected C,H,W (e.g. 3,224,224) or C,SIZE (e.g. 1,28)")
+    if len(dims) == 3 and dims[1] != dims[2]:
+        raise ConfigError(f"--input {text!r}: the models take square images; give H = W")
+    if classes < 2:
+        raise ConfigError(f"--classes {classes}: a classifier needs at least 2 classes")
+    return InputSpec(dims[0], dims[1], classes)
+
+
+def _models(args: argparse.Namespace) -> None:
+    import torch
+
+    from koala.models import build_model, count_parameters, model_entry, model_names
+
+    spec = _input_spec(args.input, args.classes)
+    print(f"{'name':<28} {'role':<6} {'parameters':>12}  description")
     for name in model_names():
         entry = model_entry(name)
-        print(f"{name:<20} {entry.role:<6} {count_parameters(build_model(name, spec)):>12,}  {entry.description}")
+        with torch.device("meta"):  # counting only: nothing is allocated or initialised
+            model = build_model(name, spec)
+        print(f"{name:<28} {entry.role:<6} {count_parameters(model):>12,}  {entry.description}")
+
+
+def _resources(args: argparse.Namespace) -> None:
+    from koala.accounting import TRAIN_MEMORY_METHOD, measure_model
+    from koala.models import model_entry
+    from koala.report import cost_table
+
+    spec = _input_spec(args.input, args.classes)
+    small = [name for name in args.small.split(",") if name]
+    for name in [args.large, *small]:
+        model_entry(name)  # an unknown name fails before anything is measured
+    large = measure_model(args.large, spec, args.batch_size)
+    costs = [large, *(measure_model(name, spec, args.batch_size) for name in small)]
+    print(f"input {spec.channels}x{spec.image_size}x{spec.image_size}, {spec.num_classes} classes; "
+          f"savings are the small model's against the large one ({args.large})")
+    print(cost_table(costs, large))
+    print(f"training memory: {TRAIN_MEMORY_METHOD} (batch {args.batch_size}).")
+
+
+def _report(args: argparse.Namespace) -> None:
+    from koala.report import write_report
+
+    target = write_report(args.runs, args.out)
+    print(target.read_text().split("\n\n")[1])
+    print(f"wrote {target} and its plots in {args.out}/")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -56,6 +101,21 @@ def build_parser() -> argparse.ArgumentParser:
     models.add_argument("--input", default="1,28", metavar="C,SIZE", help="input channels and image size")
     models.add_argument("--classes", type=int, default=10)
     models.set_defaults(handler=_models)
+
+    resources = commands.add_parser(
+        "resources", help="parameters, bytes, FLOPs and training memory of a large and small models, without training"
+    )
+    resources.add_argument("--large", required=True, help="the large (server) model, e.g. vgg19-imagenet")
+    resources.add_argument("--small", required=True, help="small (client) models, comma-separated")
+    resources.add_argument("--input", default="1,28,28", metavar="C,H,W", help="input shape (default 1,28,28)")
+    resources.add_argument("--classes", type=int, default=10)
+    resources.add_argument("--batch-size", type=int, default=64, help="batch size of the training-memory figure")
+    resources.set_defaults(handler=_resources)
+
+    report = commands.add_parser("report", help="compare run directories: a Markdown table and PNG plots")
+    report.add_argument("runs", type=Path, nargs="+", metavar="RUN_DIR")
+    report.add_argument("--out", type=Path, default=Path("report"), help="where report.md and the plots go")
+    report.set_defaults(handler=_report)
     return parser
 
 

@@ -133,3 +133,9 @@ def mobilenetv3_small(spec: InputSpec) -> nn.Module:
     """MobileNetV3-Small for `spec`; the stem keeps full resolution on small images."""
     stem_stride = 1 if spec.image_size <= SMALL_IMAGE_MAX_SIZE else 2
     return MobileNetV3Small(spec.channels, spec.num_classes, stem_stride=stem_stride)
+
+
+@register_model("mobilenetv3-small-imagenet", "small", "MobileNetV3-Small, torchvision's ImageNet layout (stride-2 stem)")
+def mobilenetv3_small_imagenet(spec: InputSpec) -> nn.Module:
+    """MobileNetV3-Small with the ImageNet stem at any image size."""
+    return MobileNetV3Small(spec.channels, spec.num_classes, stem_stride=2)

@@ -94,3 +94,4 @@ _register("resnet18", LAYERS_18, "cifar", "ResNet-18, CIFAR stem (conv3x3 stride
 _register("resnet34", LAYERS_34, "cifar", "ResNet-34, CIFAR stem (conv3x3 stride 1, no max-pool)")
 _register("resnet18-ds", LAYERS_18, "downsample", "ResNet-18, downsampling stem (conv3x3 stride 2 + max-pool)")
 _register("resnet34-ds", LAYERS_34, "downsample", "ResNet-34, downsampling stem (conv3x3 stride 2 + max-pool)")
+_register("resnet18-imagenet", LAYERS_18, "imagenet", "ResNet-18, torchvision's ImageNet layout (conv7x7 stride 2 + max-pool)")

@@ -109,3 +109,9 @@ def shufflenetv2_x1_0(spec: InputSpec) -> nn.Module:
 def shufflenetv2_x0_5(spec: InputSpec) -> nn.Module:
     """ShuffleNetV2 x0.5 for `spec`."""
     return _for_spec(spec, CHANNELS_X0_5)
+
+
+@register_model("shufflenetv2-imagenet", "small", "ShuffleNetV2 x1.0, torchvision's ImageNet layout (stride-2 stem + max-pool)")
+def shufflenetv2_imagenet(spec: InputSpec) -> nn.Module:
+    """ShuffleNetV2 x1.0 with the ImageNet stem at any image size."""
+    return ShuffleNetV2(spec.channels, spec.num_classes, CHANNELS_X1_0, stem="imagenet")

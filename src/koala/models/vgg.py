@@ -98,3 +98,9 @@ def vgg16(spec: InputSpec) -> nn.Module:
 def vgg19(spec: InputSpec) -> nn.Module:
     """VGG-19-BN (configuration E) for `spec`."""
     return _for_spec("E", spec)
+
+
+@register_model("vgg19-imagenet", "large", "VGG-19 without batch norm, torchvision's ImageNet layout (three fc layers)")
+def vgg19_imagenet(spec: InputSpec) -> nn.Module:
+    """torchvision's `vgg19` (configuration E, no batch norm, 7x7 pool and the 4096-wide head)."""
+    return VGG("E", spec, batch_norm=False, head="imagenet")
