@@ -1,10 +1,11 @@
 """Benchmark: KOALA (both modes) against FedAvg-large and FedAvg-small on the same split and seeds.
 
 Runs each config in configs/ for every seed with the local engine, then prints a Markdown table of
-final test accuracy (mean ± half the range over seeds) for benchmarks/RESULTS.md. The large model's
+final test accuracy (mean ± half the range over seeds) and client costs for benchmarks/RESULTS.md,
+and writes `koala report`'s per-run table and plots of the same runs to --report. The large model's
 round-0 accuracy in the KOALA runs is the server-only pretrained start.
 
-    python benchmarks/baselines.py --seeds 0 1 --rounds 10 --out benchmarks/out
+    python benchmarks/baselines.py --seeds 0 1 --rounds 10 --out benchmarks/out --report benchmarks/figures
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from pathlib import Path
 
 from koala.config import load_config
 from koala.engine.local import run_local
+from koala.report import write_report
 from koala.run_dir import SUMMARY_FILE, read_metrics
 
 CONFIGS = Path(__file__).resolve().parent.parent / "configs"
@@ -47,9 +49,13 @@ def table(methods: list[str], seeds: list[int], out: Path) -> str:
         (m, s): json.loads((out / f"{m}-seed{s}" / SUMMARY_FILE).read_text())
         for m in methods for s in seeds if (out / f"{m}-seed{s}" / SUMMARY_FILE).is_file()
     }
-    rows = ["| method | large model | small model(s) | wall time (s) |", "|---|---|---|---|"]
+    rows = [
+        "| method | large model | small model(s) | client TFLOPs / round | client MB / round (down + up) "
+        "| client storage saved vs FedAvg-large | wall time (s) |",
+        "|---|---|---|---|---|---|---|",
+    ]
     pretrained = [v["start"]["large"]["accuracy"] for (m, _), v in summaries.items() if m == "koala-homogeneous"]
-    rows.append(f"| large model before federated training (pretrained on the server set) | {_cell(pretrained)} | – | – |")
+    rows.append(f"| large model before federated training (pretrained on the server set) | {_cell(pretrained)} | – | – | – | – | – |")
     for method in methods:
         runs = [summaries[(method, s)] for s in seeds if (method, s) in summaries]
         if not runs:
@@ -58,8 +64,18 @@ def table(methods: list[str], seeds: list[int], out: Path) -> str:
         small_models = sorted({k for r in runs for k in r["final"] if k.startswith("small:")})
         small = ", ".join(f"{k[6:]} {_cell([r['final'][k]['accuracy'] for r in runs])}" for k in small_models)
         wall = statistics.median(r["wall-time"] for r in runs)
-        rows.append(f"| {method} | {_cell(large)} | {small or '–'} | {wall:.0f} |")
+        costs = [r for r in runs if "resources" in r]
+        flops = _median_per_round(costs, lambda t: t["client-flops"] / 1e12, ".2f")
+        traffic = _median_per_round(costs, lambda t: (t["bytes-down"] + t["bytes-up"]) / 1e6, ".1f")
+        saved = f"{100 * costs[0]['reductions-vs-fedavg-large']['storage']:.1f} %" if costs else "–"
+        rows.append(f"| {method} | {_cell(large)} | {small or '–'} | {flops} | {traffic} | {saved} | {wall:.0f} |")
     return "\n".join(rows)
+
+
+def _median_per_round(summaries: list[dict], figure, fmt: str) -> str:
+    if not summaries:
+        return "–"
+    return format(statistics.median(figure(s["resources"]) / s["rounds"] for s in summaries), fmt)
 
 
 def accuracy_by_round(methods: list[str], seeds: list[int], out: Path) -> str:
@@ -88,6 +104,7 @@ def main() -> None:
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="extra config override")
     parser.add_argument("--table-only", action="store_true", help="only print the table of existing runs")
     parser.add_argument("--by-round", action="store_true", help="also print the large model's accuracy by round")
+    parser.add_argument("--report", type=Path, default=None, help="also write koala report's table and plots here")
     args = parser.parse_args()
     if not args.table_only:
         run_all(args.methods, args.seeds, args.rounds, args.out, args.set)
@@ -95,6 +112,10 @@ def main() -> None:
     if args.by_round:
         print()
         print(accuracy_by_round(args.methods, args.seeds, args.out))
+    if args.report:
+        runs = [args.out / f"{m}-seed{s}" for m in args.methods for s in args.seeds]
+        target = write_report([run for run in runs if (run / SUMMARY_FILE).is_file()], args.report)
+        print(f"\nwrote {target} and its plots")
 
 
 if __name__ == "__main__":

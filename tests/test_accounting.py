@@ -124,7 +124,7 @@ def test_reductions_on_a_constructed_example() -> None:
 
 
 DIGITS = ["data.dataset='digits'", "data.num-clients=4", "models.large='mobilenetv3-small'", "models.small=['lenet']",
-          "rounds=2", "data.min-client-size=20", "client.participation=0.75", "threads=2"]
+          "rounds=2", "data.min-client-size=20", "client.participation=0.75"]
 
 
 @pytest.mark.integration
