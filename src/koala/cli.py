@@ -11,10 +11,18 @@ from koala.errors import ConfigError, KoalaError
 
 def _run(args: argparse.Namespace) -> None:
     from koala.config import load_config
-    from koala.engine.local import run_local
 
     config = load_config(args.config, args.set)
-    run_local(config, args.out)
+    if args.engine == "flower-sim":
+        try:
+            from koala.engine.flower.simulation import run_flower_simulation
+        except ImportError:
+            raise ConfigError("--engine flower-sim needs Flower: pip install 'koala-fl[flower]'") from None
+        run_flower_simulation(config, args.out)
+    else:
+        from koala.engine.local import run_local
+
+        run_local(config, args.out)
 
 
 def _download(args: argparse.Namespace) -> None:
@@ -89,6 +97,8 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                      help="override a config value, e.g. --set data.alpha=0.3 (repeatable)")
     run.add_argument("--out", type=Path, default=None, help="run directory (default: runs/NAME-ALGORITHM-TIME)")
+    run.add_argument("--engine", choices=["local", "flower-sim"], default="local",
+                     help="local: every client in this process (default); flower-sim: Flower's simulation engine")
     run.set_defaults(handler=_run)
 
     data = commands.add_parser("data", help="manage data sets").add_subparsers(dest="data_command", required=True)

@@ -11,6 +11,7 @@ import tomllib
 from pathlib import Path
 from typing import Any, Literal
 
+import tomli_w
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from koala.errors import ConfigError
@@ -119,6 +120,13 @@ class ClientConfig(OptimizerConfig):
     """Client sampling and local training."""
 
     participation: float = Field(1.0, gt=0, le=1, description="fraction of clients sampled each round")
+    min_replies: int = Field(
+        1, ge=1, description="fewest accepted updates for a round to change the server's models"
+    )
+
+    def clients_per_round(self, num_clients: int) -> int:
+        """How many clients a round samples."""
+        return max(1, round(self.participation * num_clients))
 
 
 class DistillConfig(_Section):
@@ -131,6 +139,13 @@ class DistillConfig(_Section):
     forward_warmup_rounds: int = Field(
         0, ge=0, description="rounds at the start in which forward distillation is skipped"
     )
+
+
+class FlowerConfig(_Section):
+    """Waits of the Flower engines (the local engine ignores them). Every wait has a limit."""
+
+    node_timeout: float = Field(120.0, gt=0, description="seconds to wait for every client's SuperNode to connect")
+    round_timeout: float = Field(600.0, gt=0, description="seconds to wait for a round's replies")
 
 
 class ExperimentConfig(_Section):
@@ -148,9 +163,16 @@ class ExperimentConfig(_Section):
     large_init: LargeInitConfig = Field(default_factory=LargeInitConfig)
     client: ClientConfig = Field(default_factory=ClientConfig)
     distill: DistillConfig = Field(default_factory=DistillConfig)
+    flower: FlowerConfig = Field(default_factory=FlowerConfig)
 
     @model_validator(mode="after")
     def _check_cross_fields(self) -> ExperimentConfig:
+        sampled = self.client.clients_per_round(self.data.num_clients)
+        if self.client.min_replies > sampled:
+            raise ValueError(
+                f"client.min-replies = {self.client.min_replies} but a round samples only {sampled} client(s) "
+                f"(client.participation = {self.client.participation} of {self.data.num_clients}); lower min-replies"
+            )
         if self.models.assignment and len(self.models.assignment) != self.data.num_clients:
             raise ValueError(
                 f"models.assignment has {len(self.models.assignment)} entries but data.num-clients is "
@@ -248,6 +270,20 @@ def load_config(path: Path | str | None = None, overrides: list[str] | None = No
         raw = apply_overrides(raw, overrides)
         source += " with --set " + " ".join(overrides)
     return _validate(raw, source)
+
+
+def config_from_toml(text: str, source: str) -> ExperimentConfig:
+    """Parse and validate a config sent as TOML text (e.g. to a Flower client); `source` names it in errors."""
+    try:
+        raw = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"{source} is not valid TOML: {exc}") from None
+    return _validate(raw, source)
+
+
+def config_to_toml(config: ExperimentConfig) -> str:
+    """The resolved config as TOML text, which `config_from_toml` and `load_config` read back."""
+    return tomli_w.dumps(config_to_dict(config))
 
 
 def config_to_dict(config: ExperimentConfig) -> dict[str, Any]:

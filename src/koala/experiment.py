@@ -67,8 +67,7 @@ def prepare_experiment(config: ExperimentConfig) -> Experiment:
     return Experiment(config, split, spec, algorithm, device, costs)
 
 
-def sample_clients(seed: int, round_number: int, num_clients: int, participation: float) -> list[int]:
-    """The round's clients: a seeded draw over the sorted client ids, returned sorted."""
-    count = max(1, round(participation * num_clients))
+def sample_clients(seed: int, round_number: int, num_clients: int, count: int) -> list[int]:
+    """The round's `count` clients: a seeded draw over the sorted client ids, returned sorted."""
     order = torch.randperm(num_clients, generator=torch_generator(seed, "sample", round_number))
     return sorted(order[:count].tolist())

@@ -7,9 +7,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-import tomli_w
-
-from koala.config import ExperimentConfig, config_to_dict
+from koala.config import ExperimentConfig, config_to_toml
 from koala.errors import ConfigError
 
 CONFIG_FILE = "config.toml"
@@ -32,7 +30,7 @@ class RunDirectory:
 
     def start(self, config: ExperimentConfig) -> None:
         self.path.mkdir(parents=True, exist_ok=True)
-        (self.path / CONFIG_FILE).write_text(tomli_w.dumps(config_to_dict(config)))
+        (self.path / CONFIG_FILE).write_text(config_to_toml(config))
         (self.path / METRICS_FILE).write_text("")
 
     def append_metrics(self, line: dict[str, Any]) -> None:

@@ -165,4 +165,5 @@ def local_train(task: ClientTask, data: ImageSplit, config: ExperimentConfig, sp
     """
     model = instantiate(task.architecture, spec, task.state, data.images.device)
     loss = train_supervised(model, data, config.client, torch_generator(seed))
-    return ClientUpdate(task.client_id, task.architecture, module_state(model), len(data), {"train-loss": loss})
+    metrics = {"train-loss": loss, "trained-samples": trained_samples(len(data), config.client)}
+    return ClientUpdate(task.client_id, task.architecture, module_state(model), len(data), metrics)

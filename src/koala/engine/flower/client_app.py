@@ -1,0 +1,82 @@
+"""The ClientApp: runs the algorithm's client step on the node's own data partition.
+
+A SuperNode is started with `--node-config "partition-id=K num-partitions=N"` (and optionally
+`data-dir="..."`, where the node keeps its copy of the data set); partition K is client K of the
+experiment's federated split, derived from the config and seed the server sends, so a node trains
+on exactly the shard the local engine would give client K.
+"""
+
+from __future__ import annotations
+
+from functools import lru_cache
+from pathlib import Path
+
+import torch
+from flwr.app import ConfigRecord, Context, Message, RecordDict
+from flwr.clientapp import ClientApp
+
+from koala.algorithms import local_train
+from koala.config import ExperimentConfig, config_from_toml
+from koala.data.dataset import ImageSplit
+from koala.data.federated import make_federated_split
+from koala.data.sources import load_source
+from koala.engine.flower.messages import read_train, reply_content
+from koala.errors import ConfigError
+from koala.experiment import resolve_device
+from koala.models import InputSpec
+from koala.seeding import derive_seed
+
+app = ClientApp()
+
+
+def node_partition(node_config: dict) -> tuple[int, int]:
+    """(partition-id, num-partitions) from the node config, with a clear error when absent."""
+    try:
+        return int(node_config["partition-id"]), int(node_config["num-partitions"])
+    except (KeyError, ValueError):
+        raise ConfigError(
+            "this SuperNode has no partition: start it with --node-config \"partition-id=K num-partitions=N\""
+        ) from None
+
+
+@lru_cache(maxsize=2)
+def _client_data(experiment_toml: str, partition: int, data_dir: str) -> tuple[ImageSplit, InputSpec]:
+    """The node's shard (kept while the process lives: simulation actors serve many rounds)."""
+    config = config_from_toml(experiment_toml, "the experiment config sent by the server")
+    directory = Path(data_dir).expanduser() if data_dir else (Path(config.data.dir).expanduser() if config.data.dir else None)
+    source = load_source(config.data.dataset, directory)
+    split = make_federated_split(source, config.data, config.seed).to(resolve_device(config.device))
+    return split.client_data(partition), InputSpec(source.channels, source.image_size, source.num_classes)
+
+
+def _check_partition(config: ExperimentConfig, client_id: int, partition: int, num_partitions: int) -> None:
+    if num_partitions != config.data.num_clients:
+        raise ConfigError(
+            f"this SuperNode was started with num-partitions={num_partitions} but the experiment has "
+            f"data.num-clients = {config.data.num_clients}; restart it with num-partitions={config.data.num_clients}"
+        )
+    if client_id != partition:
+        raise ConfigError(f"task for client {client_id} was sent to the SuperNode of partition {partition}")
+
+
+@app.query()
+def describe(message: Message, context: Context) -> Message:
+    """Tell the server which partition this node holds."""
+    partition, num_partitions = node_partition(context.node_config)
+    record = ConfigRecord({"partition-id": partition, "num-partitions": num_partitions})
+    return Message(RecordDict({"partition": record}), reply_to=message)
+
+
+@app.train()
+def train(message: Message, context: Context) -> Message:
+    """One client round: the received weights trained on this node's partition."""
+    request = read_train(message.content)
+    config = config_from_toml(request.experiment_toml, "the experiment config sent by the server")
+    partition, num_partitions = node_partition(context.node_config)
+    _check_partition(config, request.task.client_id, partition, num_partitions)
+    if config.threads:
+        torch.set_num_threads(config.threads)
+    data, spec = _client_data(request.experiment_toml, partition, str(context.node_config.get("data-dir", "")))
+    seed = derive_seed(config.seed, "client", request.round, request.task.client_id)
+    update = local_train(request.task, data, config, spec, seed)
+    return Message(reply_content(update), reply_to=message)

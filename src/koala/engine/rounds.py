@@ -1,0 +1,172 @@
+"""The run loop every engine shares. An engine's one job is to deliver the round's tasks to the
+sampled clients and bring their replies back (`Dispatch`); sampling, validation, the server step,
+evaluation, accounting and the run directory are the same whichever engine runs the clients."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from koala.accounting import ClientExchange, resources_summary, round_resources
+from koala.aggregate import ClientUpdate
+from koala.algorithms import RoundMetrics, ServerState
+from koala.experiment import Experiment, sample_clients
+from koala.run_dir import CONFIG_FILE, METRICS_FILE, RESOURCES_FILE, SUMMARY_FILE, RunDirectory, default_run_dir
+
+Echo = Callable[[str], None]
+
+
+@dataclass
+class Replies:
+    """What came back from the round's clients, as the engine saw it."""
+
+    updates: list[ClientUpdate] = field(default_factory=list)
+    exchanges: list[ClientExchange] = field(default_factory=list)
+    failures: list[dict[str, Any]] = field(default_factory=list)
+
+    def fail(self, client_id: int, reason: str) -> None:
+        """Record a client that was sent its task but produced no update."""
+        self.failures.append({"client": client_id, "reason": reason})
+
+
+Dispatch = Callable[[ServerState, list[int], int], Replies]
+"""(server state, sampled client ids, round number) -> the replies of that round."""
+
+
+@dataclass(frozen=True)
+class RunResult:
+    run_dir: Path
+    metrics: list[dict[str, Any]]
+    summary: dict[str, Any]
+
+
+def complete_round(experiment: Experiment, state: ServerState, clients: list[int], replies: Replies) -> tuple[ServerState, dict[str, Any]]:
+    """Validate the replies and run the server step; a round with fewer accepted updates than
+    `client.min-replies` leaves the server's models as they were."""
+    config, algorithm = experiment.config, experiment.algorithm
+    metrics = RoundMetrics()
+    accepted = algorithm.accept_updates(state, replies.updates, metrics)
+    line: dict[str, Any] = {"round": state.round + 1, "clients": len(clients), "accepted": len(accepted)}
+    if len(accepted) >= config.client.min_replies:
+        with metrics.timed("server"):
+            state = algorithm.server_round(state, accepted, metrics)
+    else:
+        state = ServerState(state.round + 1, state.large, state.small)
+        line["skipped"] = (
+            f"{len(accepted)} accepted update(s), fewer than client.min-replies = {config.client.min_replies}: "
+            "the server's models are unchanged"
+        )
+    examples = sum(u.num_examples for u in accepted)
+    line["examples"] = examples
+    line["train-loss"] = sum(u.metrics["train-loss"] * u.num_examples for u in accepted) / examples if examples else None
+    line.update(metrics.values)
+    line["resources"] = round_resources(experiment.costs, replies.exchanges, metrics.work)
+    if metrics.rejected:
+        line["rejected"] = metrics.rejected
+    if replies.failures:
+        line["failed"] = replies.failures
+    return state, line
+
+
+def format_progress(line: dict[str, Any], total_rounds: int) -> str:
+    """One readable line per round."""
+    parts = [f"round {line['round']:>3}/{total_rounds}"]
+    for model, result in line.get("eval", {}).items():
+        parts.append(f"{model} {100 * result['accuracy']:.2f}%")
+    if line["round"] > 0:
+        parts.append(f"clients {line['accepted']}/{line['clients']}")
+        if line.get("failed"):
+            parts.append(f"failed {len(line['failed'])}")
+        if line["train-loss"] is not None:
+            parts.append(f"train-loss {line['train-loss']:.3f}")
+        parts.append(f"{line['time-round']:.1f} s")
+        if "skipped" in line:
+            parts.append("SKIPPED: " + line["skipped"])
+    return "  ".join(parts)
+
+
+def format_savings(resources: dict[str, Any]) -> str:
+    """One line: what the clients sent, received and computed, and the savings against FedAvg-large."""
+    totals, saved = resources["totals"], resources["reductions-vs-fedavg-large"]
+
+    def pct(key: str) -> str:
+        return "n/a" if saved[key] is None else f"{100 * saved[key]:.1f}%"
+
+    return (
+        f"clients: {totals['bytes-down'] / 1e6:.1f} MB down, {totals['bytes-up'] / 1e6:.1f} MB up, "
+        f"{totals['client-flops'] / 1e12:.3f} TFLOP; against FedAvg-large: storage -{pct('storage')}, "
+        f"FLOPs -{pct('client-flops')}, bytes up -{pct('bytes-up')}, bytes down -{pct('bytes-down')}"
+    )
+
+
+def summarise(
+    history: list[dict[str, Any]], description: dict[str, Any], wall_time: float, resources: dict[str, Any]
+) -> dict[str, Any]:
+    """Start, final and best test accuracy per model, the resource totals and reductions, with the
+    experiment's description."""
+    evaluated = [line for line in history if "eval" in line]
+    best = {
+        model: max(line["eval"][model]["accuracy"] for line in evaluated)
+        for model in evaluated[-1]["eval"]
+    }
+    return {
+        **description,
+        "rounds": history[-1]["round"],
+        "start": evaluated[0]["eval"],
+        "final": evaluated[-1]["eval"],
+        "best-accuracy": best,
+        "wall-time": round(wall_time, 2),
+        "resources": resources["totals"],
+        "reductions-vs-fedavg-large": {
+            k: v for k, v in resources["reductions-vs-fedavg-large"].items() if k != "per-architecture"
+        },
+    }
+
+
+def run_experiment(experiment: Experiment, dispatch: Dispatch, out_dir: Path | None = None, echo: Echo = print, engine: str = "local") -> RunResult:
+    """Run every round of `experiment`, its clients reached through `dispatch`, writing the run directory."""
+    config, algorithm = experiment.config, experiment.algorithm
+    run_dir = RunDirectory(out_dir or default_run_dir(config))
+    started = time.perf_counter()
+    start_metrics = RoundMetrics()
+    with start_metrics.timed("start"):
+        state = algorithm.initial_state(start_metrics)
+    run_dir.start(config)
+    description = {**experiment.describe(), "engine": engine}
+    echo(f"{description['algorithm']} ({description['mode']}) on {description['dataset']} with the {engine} engine: "
+         f"large {description['large']}, small {description['small']}, split {description['split']}")
+    history = [{
+        "round": 0,
+        "eval": algorithm.evaluate(state),
+        **start_metrics.values,
+        "resources": round_resources(experiment.costs, [], start_metrics.work),
+    }]
+    run_dir.append_metrics(history[0])
+    echo(format_progress(history[0], config.rounds))
+    for round_number in range(1, config.rounds + 1):
+        round_start = time.perf_counter()
+        clients = sample_clients(
+            config.seed, round_number, config.data.num_clients, config.client.clients_per_round(config.data.num_clients)
+        )
+        client_start = time.perf_counter()
+        replies = dispatch(state, clients, round_number)
+        client_time = time.perf_counter() - client_start
+        state, line = complete_round(experiment, state, clients, replies)
+        line["time-clients"] = round(client_time, 4)
+        if round_number % config.eval_every == 0 or round_number == config.rounds:
+            line["eval"] = algorithm.evaluate(state)
+        line["time-round"] = round(time.perf_counter() - round_start, 4)
+        run_dir.append_metrics(line)
+        history.append(line)
+        echo(format_progress(line, config.rounds))
+    resources = resources_summary(experiment.costs, config.models.large, experiment.client_architectures(), history)
+    run_dir.write_json(RESOURCES_FILE, resources)
+    summary = summarise(history, description, time.perf_counter() - started, resources)
+    run_dir.write_json(SUMMARY_FILE, summary)
+    echo("final: " + "  ".join(f"{m} {100 * r['accuracy']:.2f}%" for m, r in summary["final"].items()))
+    echo(format_savings(resources))
+    echo(f"wrote {run_dir.path}/ ({CONFIG_FILE}, {METRICS_FILE}, {RESOURCES_FILE}, {SUMMARY_FILE})")
+    return RunResult(run_dir.path, history, summary)
