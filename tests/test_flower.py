@@ -72,6 +72,16 @@ def _free_port() -> int:
         return sock.getsockname()[1]
 
 
+def _write_node_key(path: Path) -> Path:
+    """A SuperNode's EC key pair, as `ssh-keygen -t ecdsa -b 384` writes it; returns the public key."""
+    key = ec.generate_private_key(ec.SECP384R1())
+    path.write_bytes(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.OpenSSH,
+                                       serialization.NoEncryption()))
+    public = path.with_suffix(".pub")
+    public.write_bytes(key.public_key().public_bytes(serialization.Encoding.OpenSSH, serialization.PublicFormat.OpenSSH))
+    return public
+
+
 def _write_certificates(directory: Path) -> dict[str, Path]:
     """A CA and a server certificate for 127.0.0.1, signed by it."""
     now = datetime.datetime.now(datetime.timezone.utc)
@@ -95,13 +105,14 @@ def _write_certificates(directory: Path) -> dict[str, Path]:
 
 
 class Federation:
-    """A SuperLink and SuperNodes on 127.0.0.1, each in its own process group, all stopped by PID."""
+    """A SuperLink and SuperNodes on 127.0.0.1, each in its own process group, all stopped by PID.
+    `secure`: TLS with certificates made here, and SuperNode authentication (only registered keys join)."""
 
-    def __init__(self, root: Path, tls: bool) -> None:
+    def __init__(self, root: Path, secure: bool) -> None:
         self.root, self.port = root, _free_port()
         self.processes: dict[str, subprocess.Popen] = {}
         self.env = {**os.environ, "FLWR_HOME": str(root / "flwr-home"), "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}"}
-        self.certs = _write_certificates(root) if tls else None
+        self.certs = _write_certificates(root) if secure else None
         security = f'root-certificates = "{self.certs["ca"]}"' if self.certs else "insecure = true"
         (root / "flwr-home").mkdir()
         (root / "flwr-home" / "config.toml").write_text(
@@ -113,8 +124,8 @@ class Federation:
             return ["--insecure"]
         if role == "superlink":
             return ["--ssl-ca-certfile", str(self.certs["ca"]), "--ssl-certfile", str(self.certs["cert"]),
-                    "--ssl-keyfile", str(self.certs["key"])]
-        return ["--root-certificates", str(self.certs["ca"])]
+                    "--ssl-keyfile", str(self.certs["key"]), "--enable-supernode-auth"]
+        return ["--root-certificates", str(self.certs["ca"]), "--auth-supernode-private-key", str(self.root / role)]
 
     def _start(self, name: str, args: list[str]) -> None:
         log = (self.root / f"{name}.log").open("w")
@@ -126,10 +137,19 @@ class Federation:
                                   "--disable-runtime-dependency-installation", "--port", str(self.port)])
         self._wait_for_superlink()
         for partition in range(num_nodes):
-            self._start(f"node{partition}", [
-                str(BIN / "flower-supernode"), *self._security("supernode"), "--superlink", f"127.0.0.1:{self.port}",
-                "--port", str(_free_port()), "--node-config", f"partition-id={partition} num-partitions={num_nodes}",
-            ])
+            name = f"node{partition}"
+            if self.certs:
+                self.register(_write_node_key(self.root / name))
+            self._start(name, self.supernode_command(name, partition, num_nodes))
+
+    def supernode_command(self, name: str, partition: int, num_nodes: int) -> list[str]:
+        return [str(BIN / "flower-supernode"), *self._security(name), "--superlink", f"127.0.0.1:{self.port}",
+                "--port", str(_free_port()), "--node-config", f"partition-id={partition} num-partitions={num_nodes}"]
+
+    def register(self, public_key: Path) -> None:
+        result = subprocess.run([str(BIN / "flwr"), "supernode", "register", str(public_key), "test"], env=self.env,
+                                capture_output=True, text=True, timeout=120)
+        assert result.returncode == 0 and "registered successfully" in result.stdout, result.stdout + result.stderr
 
     def _wait_for_superlink(self, timeout: float = 60) -> None:
         deadline = time.monotonic() + timeout
@@ -170,7 +190,7 @@ class Federation:
 
 @pytest.fixture
 def federation(tmp_path: Path, request: pytest.FixtureRequest) -> Iterator[Federation]:
-    federation = Federation(tmp_path, tls=getattr(request, "param", False))
+    federation = Federation(tmp_path, secure=getattr(request, "param", False))
     try:
         yield federation
     finally:
@@ -184,7 +204,7 @@ def _experiment(tmp_path: Path, extra: str = "") -> Path:
 
 
 @pytest.mark.integration
-@pytest.mark.parametrize("federation", [False, True], ids=["insecure", "tls"], indirect=True)
+@pytest.mark.parametrize("federation", [False, True], ids=["insecure", "tls-and-node-auth"], indirect=True)
 def test_deployment_runs_koala_over_a_superlink_and_three_supernodes(federation: Federation, tmp_path: Path) -> None:
     federation.start(num_nodes=3)
     out = tmp_path / "run"
@@ -199,6 +219,13 @@ def test_deployment_runs_koala_over_a_superlink_and_three_supernodes(federation:
     assert {"forward-loss:lenet", "forward-loss:shufflenetv2-0.5"} <= set(metrics[-1])
     architectures = {c["client"]: c["architecture"] for c in metrics[1]["resources"]["per-client"]}
     assert architectures == {0: "lenet", 1: "shufflenetv2-0.5", 2: "lenet"}
+    if federation.certs:  # with authentication on, a SuperNode whose key was never registered is refused
+        _write_node_key(tmp_path / "rogue")
+        federation._start("rogue", federation.supernode_command("rogue", 0, 3))
+        deadline = time.monotonic() + 120
+        while "Attempted to register SuperNode with public key" not in (tmp_path / "superlink.log").read_text():
+            assert time.monotonic() < deadline, federation.logs()
+            time.sleep(0.5)
 
 
 @pytest.mark.integration
