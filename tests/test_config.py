@@ -4,7 +4,7 @@ from pathlib import Path
 
 import pytest
 
-from koala.config import ExperimentConfig, config_to_dict, load_config
+from koala.config import ExperimentConfig, config_from_toml, config_to_dict, config_to_toml, load_config
 from koala.errors import ConfigError
 
 import tomli_w
@@ -69,12 +69,25 @@ def test_overrides_parse_toml_values() -> None:
         (["large-init.kind='pretrain'"], "needs a labelled server set"),
         (["rounds"], "expected key=value"),
         (["rounds=0"], "rounds: Input should be greater than or equal to 1"),
+        (["data.num-clients=10", "client.participation=0.2", "client.min-replies=3"],
+         "client.min-replies = 3 but a round samples only 2 client(s)"),
+        (["flower.round-timeout=0"], "flower.round-timeout: Input should be greater than 0"),
+        (["distill.batch-size=64"], "distill.batch-size: unknown key"),
     ],
 )
 def test_bad_values_name_the_key(overrides: list[str], expected: str) -> None:
     with pytest.raises(ConfigError) as info:
         load_config(None, overrides)
     assert expected in str(info.value)
+
+
+def test_config_travels_as_toml_text() -> None:
+    config = load_config(None, ["data.num-clients=7", "models.small=['lenet', 'shufflenetv2']", "flower.node-timeout=5"])
+    assert config_from_toml(config_to_toml(config), "sent") == config
+    with pytest.raises(ConfigError, match="the server's message is not valid TOML"):
+        config_from_toml("rounds = = 2", "the server's message")
+    with pytest.raises(ConfigError, match="invalid configuration in the server's message"):
+        config_from_toml("rounds = 0", "the server's message")
 
 
 def test_missing_and_malformed_files(tmp_path: Path) -> None:

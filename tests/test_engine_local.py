@@ -115,3 +115,16 @@ def test_existing_run_directory_is_not_overwritten(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match="already exists"):
         _run(tmp_path, ["data.dataset='digits'", "data.num-clients=2", "models.large='lenet'"])
     assert (tmp_path / "run" / "metrics.jsonl").read_text() == "{}\n"
+
+
+def test_a_round_without_enough_valid_updates_leaves_the_server_unchanged(tmp_path: Path) -> None:
+    # A learning rate this large drives every client's weights to Inf/NaN: each update is rejected.
+    overrides = ["data.dataset='digits'", "data.num-clients=3", "models.large='lenet'", "models.small=['lenet']",
+                 "data.min-client-size=20", "rounds=1", "client.lr=1e30", "client.momentum=0"]
+    metrics, _ = _run(tmp_path, overrides)
+    line = metrics[1]
+    assert line["accepted"] == 0 and len(line["rejected"]) == 3
+    assert all("NaN or Inf" in r["reason"] for r in line["rejected"])
+    assert "fewer than client.min-replies = 1" in line["skipped"]
+    assert line["eval"] == metrics[0]["eval"]  # the server's models are exactly as before the round
+    assert "reverse-loss" not in line and line["resources"]["server-flops"] == 0
