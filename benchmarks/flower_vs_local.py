@@ -23,14 +23,9 @@ from koala.config import load_config
 from koala.engine.flower.simulation import run_flower_simulation
 from koala.engine.local import run_local
 from koala.models import InputSpec
+from koala.run_dir import without_times
 
 CONFIG = Path(__file__).resolve().parent.parent / "configs" / "quickstart.toml"
-
-
-def _without_times(value):
-    if isinstance(value, dict):
-        return {k: _without_times(v) for k, v in value.items() if not k.startswith("time-")}
-    return [_without_times(v) for v in value] if isinstance(value, list) else value
 
 
 def main() -> None:
@@ -51,7 +46,7 @@ def main() -> None:
         start = time.perf_counter()
         simulated = run_flower_simulation(config, args.out / f"sim-{clients}", echo=lambda _: None)
         sim_time = time.perf_counter() - start
-        same = _without_times(local.metrics) == _without_times(simulated.metrics)
+        same = without_times(local.metrics) == without_times(simulated.metrics)
         small = config.models.small[0]
         spec = InputSpec(1, 28, 10)
         flower_bytes = ArrayRecord(initial_state(small, spec, 0)).count_bytes() * clients

@@ -73,6 +73,7 @@ def test_overrides_parse_toml_values() -> None:
          "client.min-replies = 3 but a round samples only 2 client(s)"),
         (["flower.round-timeout=0"], "flower.round-timeout: Input should be greater than 0"),
         (["distill.batch-size=64"], "distill.batch-size: unknown key"),
+        (["client.batch-size=1"], "client.batch-size: Input should be greater than or equal to 2"),
     ],
 )
 def test_bad_values_name_the_key(overrides: list[str], expected: str) -> None:

@@ -8,7 +8,7 @@ import pytest
 from koala.config import load_config
 from koala.engine.local import run_local
 from koala.errors import ConfigError, DataError, ModelError
-from koala.run_dir import read_metrics
+from koala.run_dir import read_metrics, without_times
 
 # A small Fashion-MNIST federation: 3,000 training images, 6 clients, 1,000 test images.
 FMNIST_SMALL = [
@@ -26,10 +26,6 @@ def _run(tmp_path: Path, overrides: list[str], name: str = "run") -> tuple[list[
 
 def _accuracies(metrics: list[dict[str, Any]], model: str) -> list[float]:
     return [line["eval"][model]["accuracy"] for line in metrics if "eval" in line]
-
-
-def _without_times(metrics: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    return [{k: v for k, v in line.items() if not k.startswith("time-")} for line in metrics]
 
 
 @pytest.mark.integration
@@ -61,8 +57,8 @@ def test_same_seed_gives_identical_metrics(tmp_path: Path) -> None:
     first, _ = _run(tmp_path, overrides, "a")
     second, _ = _run(tmp_path, overrides, "b")
     third, _ = _run(tmp_path, overrides + ["seed=1"], "c")
-    assert _without_times(first) == _without_times(second)
-    assert _without_times(first) != _without_times(third)
+    assert without_times(first) == without_times(second)
+    assert without_times(first) != without_times(third)
 
 
 @pytest.mark.parametrize("algorithm", ["fedavg-large", "fedavg-small"])

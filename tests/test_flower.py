@@ -32,7 +32,7 @@ from koala.engine.local import run_local  # noqa: E402
 from koala.errors import ConfigError, UpdateRejected  # noqa: E402
 from koala.algorithms import ClientTask  # noqa: E402
 from koala.aggregate import ClientUpdate  # noqa: E402
-from koala.run_dir import read_metrics  # noqa: E402
+from koala.run_dir import read_metrics, without_times  # noqa: E402
 
 APP = Path(__file__).resolve().parent.parent / "flower-app"
 BIN = Path(sys.executable).parent
@@ -254,7 +254,12 @@ def test_a_supernode_killed_mid_round_is_recorded_and_the_run_completes(federati
     assert len(metrics) == 3 and "eval" in metrics[-1]
     for line in metrics[1:]:
         assert line["accepted"] == 2 and "skipped" not in line
-        assert [failure["client"] for failure in line["failed"]] == [2]
+        [failure] = line["failed"]
+        assert failure["client"] == 2
+        assert "no reply within flower.round-timeout" in failure["reason"] or "ClientApp failed" in failure["reason"]
+        dead = [c for c in line["resources"]["per-client"] if c["client"] == 2]
+        assert dead and dead[0]["bytes-up"] == 0 and dead[0]["flops"] == 0  # sent its task, spent nothing we saw
+        assert line["resources"]["replies"] == 2
     assert "failed 1" in output
 
 
@@ -267,11 +272,6 @@ def test_flower_simulation_gives_the_local_engine_metrics(tmp_path: Path) -> Non
     simulated = run_flower_simulation(load_config(None, overrides), tmp_path / "sim", echo=lambda _: None)
     local = run_local(load_config(None, overrides), tmp_path / "local", echo=lambda _: None)
 
-    def without_times(value):
-        if isinstance(value, dict):
-            return {k: without_times(v) for k, v in value.items() if not k.startswith("time-")}
-        return [without_times(v) for v in value] if isinstance(value, list) else value
-
     # Same seeds, same partitions, same order of aggregation, one thread each: bit-identical.
     assert without_times(simulated.metrics) == without_times(local.metrics)
     assert simulated.summary["engine"] == "flower-sim"
@@ -283,7 +283,8 @@ def test_flower_simulation_gives_the_local_engine_metrics(tmp_path: Path) -> Non
 def _update(client_id: int = 3) -> ClientUpdate:
     import torch
 
-    return ClientUpdate(client_id, "lenet", {"w": torch.ones(2, 2), "n": torch.tensor(4)}, 17, {"train-loss": 0.5})
+    metrics = {"train-loss": 0.5, "trained-samples": 34}
+    return ClientUpdate(client_id, "lenet", {"w": torch.ones(2, 2), "n": torch.tensor(4)}, 17, metrics)
 
 
 def test_messages_round_trip_a_task_and_an_update() -> None:
@@ -294,7 +295,8 @@ def test_messages_round_trip_a_task_and_an_update() -> None:
     assert (request.task.client_id, request.task.architecture, request.round, request.experiment_toml) == (3, "lenet", 5, "rounds = 7\n")
     assert torch.equal(request.task.state["w"], task.state["w"])
     update = read_reply(reply_content(_update()), 3)
-    assert update.num_examples == 17 and update.metrics == {"train-loss": 0.5} and update.state["n"].dtype == torch.int64
+    assert update.num_examples == 17 and update.metrics == {"train-loss": 0.5, "trained-samples": 34.0}
+    assert update.state["n"].dtype == torch.int64
 
 
 def test_a_reply_from_another_client_or_without_weights_is_rejected() -> None:
@@ -305,6 +307,27 @@ def test_a_reply_from_another_client_or_without_weights_is_rejected() -> None:
         read_reply(content, 1)
     content = RecordDict({"arrays": ArrayRecord({}), "task": ConfigRecord({"architecture": "lenet"})})
     with pytest.raises(UpdateRejected, match="without metrics"):
+        read_reply(content, 1)
+
+
+@pytest.mark.parametrize(
+    ("metrics", "message"),
+    [
+        ({"train-loss": 0.5}, "trained-samples = None"),
+        ({"train-loss": 0.5, "trained-samples": float("inf")}, "trained-samples = inf"),
+        ({"train-loss": 0.5, "trained-samples": 2.5}, "trained-samples = 2.5"),
+        ({"train-loss": 0.5, "trained-samples": -1}, "trained-samples = -1"),
+        ({"trained-samples": 3}, "train-loss = None"),
+        ({"train-loss": 0.5, "trained-samples": 3, "accuracy": [1.0, 2.0]}, "non-numeric metrics ['accuracy']"),
+    ],
+)
+def test_a_reply_with_bad_metrics_is_rejected(metrics: dict, message: str) -> None:
+    content = RecordDict({
+        "arrays": ArrayRecord({}),
+        "metrics": MetricRecord({"num-examples": 3, "client-id": 1, **metrics}),
+        "task": ConfigRecord({"architecture": "lenet"}),
+    })
+    with pytest.raises(UpdateRejected, match=message.replace("[", r"\[").replace("]", r"\]")):
         read_reply(content, 1)
 
 

@@ -71,6 +71,15 @@ def test_report_handles_runs_without_accounting_or_summary(runs: list[Path], tmp
     assert all((tmp_path / "r" / name).is_file() for name in PLOTS)
 
 
+def test_report_on_a_run_that_has_written_nothing_yet(runs: list[Path], tmp_path: Path) -> None:
+    fresh = tmp_path / "fresh"
+    fresh.mkdir()
+    (fresh / "metrics.jsonl").write_text("")
+    assert main(["report", str(fresh), str(runs[0]), "--out", str(tmp_path / "r")]) == 0
+    row = _rows((tmp_path / "r" / "report.md").read_text())["fresh"]
+    assert row[3] == "0" and row[4:10] == ["–"] * 6
+
+
 def test_report_on_a_directory_that_is_not_a_run(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["report", str(tmp_path), "--out", str(tmp_path / "r")]) == 2
     err = capsys.readouterr().err
@@ -93,6 +102,7 @@ def test_resources_prints_the_paper_check(capsys: pytest.CaptureFixture[str]) ->
         (["--input", "three"], "expected C,H,W"),
         (["--small", "mobilenet-v2"], "unknown model 'mobilenet-v2'"),
         (["--classes", "1"], "at least 2 classes"),
+        (["--batch-size", "1"], "a training step needs at least 2 examples"),
     ],
 )
 def test_resources_rejects_bad_input(args: list[str], message: str, capsys: pytest.CaptureFixture[str]) -> None:

@@ -19,6 +19,7 @@ import torch.nn.functional as F
 from safetensors.torch import save as safetensors_bytes
 from torch.utils.flop_counter import FlopCounterMode
 
+from koala.errors import ConfigError
 from koala.models import InputSpec, build_model, count_parameters
 
 TRAIN_MEMORY_METHOD = (
@@ -61,12 +62,10 @@ def _serialized_length(signature: tuple[tuple[str, str, tuple[int, ...]], ...]) 
     return len(safetensors_bytes(tensors))
 
 
-def _meta_model_and_batch(architecture: str, spec: InputSpec, batch_size: int) -> tuple[torch.nn.Module, torch.Tensor, torch.Tensor]:
-    with torch.device("meta"):
-        model = build_model(architecture, spec)
-        images = torch.empty(batch_size, spec.channels, spec.image_size, spec.image_size)
-        labels = torch.zeros(batch_size, dtype=torch.long)
-    return model, images, labels
+def _meta_batch(spec: InputSpec, batch_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """A fresh batch of shapes only (a slice of a larger one would share, and count, its storage)."""
+    images = torch.empty(batch_size, spec.channels, spec.image_size, spec.image_size, device="meta")
+    return images, torch.zeros(batch_size, dtype=torch.long, device="meta")
 
 
 def _conv_backward_flops(
@@ -127,24 +126,26 @@ def measure_model(architecture: str, spec: InputSpec, batch_size: int = 64, mome
     """Parameters, serialized bytes, FLOPs per sample and training-step memory of `architecture`.
 
     FLOPs are measured on a batch of at least 2 (BatchNorm needs 2 in train mode) and divided by it.
+    Training memory needs a batch of at least 2 for the same reason.
     """
-    flop_batch = max(batch_size, 2)
-    model, images, labels = _meta_model_and_batch(architecture, spec, flop_batch)
+    if batch_size < 2:
+        raise ConfigError(f"batch size {batch_size}: a training step needs at least 2 examples (BatchNorm); use 2 or more")
+    with torch.device("meta"):
+        model = build_model(architecture, spec)
+    images, labels = _meta_batch(spec, batch_size)
     state = model.state_dict()
     parameter_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
     tensor_bytes = sum(t.numel() * t.element_size() for t in state.values())
     train = train_step_flops(model, images, labels)
     model.zero_grad(set_to_none=True)
     memory = tensor_bytes + parameter_bytes * (2 if momentum else 1)
-    # A fresh batch of exactly `batch_size`: a slice would share the larger batch's storage.
-    _, step_images, step_labels = _meta_model_and_batch(architecture, spec, batch_size)
-    memory += saved_activation_bytes(model, step_images, step_labels)
+    memory += saved_activation_bytes(model, *_meta_batch(spec, batch_size))
     return ModelCost(
         architecture=architecture,
         parameters=count_parameters(model),
         state_bytes=payload_bytes(state),
-        train_flops_per_sample=train // flop_batch,
-        inference_flops_per_sample=inference_flops(model, images) // flop_batch,
+        train_flops_per_sample=train // batch_size,
+        inference_flops_per_sample=inference_flops(model, images) // batch_size,
         train_memory_bytes=memory,
         batch_size=batch_size,
     )
@@ -163,8 +164,9 @@ class CostTable:
         return self._costs[architecture]
 
     def flops(self, architecture: str, kind: str, samples: int) -> int:
+        """FLOPs of `samples` training ("train") or inference ("inference") passes of `architecture`."""
         cost = self[architecture]
-        per_sample = cost.train_flops_per_sample if kind == "train" else cost.inference_flops_per_sample
+        per_sample = {"train": cost.train_flops_per_sample, "inference": cost.inference_flops_per_sample}[kind]
         return per_sample * samples
 
     def server_flops(self, work: Mapping[tuple[str, str], int]) -> int:

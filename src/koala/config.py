@@ -90,7 +90,7 @@ class OptimizerConfig(_Section):
     """SGD settings for one kind of training (client local training, or server distillation)."""
 
     epochs: int = Field(1, ge=0)
-    batch_size: int = Field(64, ge=1)
+    batch_size: int = Field(64, ge=2, description="at least 2: BatchNorm cannot train on one example")
     lr: float = Field(0.01, gt=0)
     momentum: float = Field(0.9, ge=0, lt=1)
     weight_decay: float = Field(0.0, ge=0)

@@ -117,7 +117,7 @@ def run_row(run: Run) -> list[str]:
         run.name,
         run.config.get("algorithm", MISSING),
         (run.summary or {}).get("mode", "heterogeneous" if len(small_models) > 1 else "homogeneous"),
-        str(run.metrics[-1]["round"]),
+        str(run.metrics[-1]["round"]) if run.metrics else "0",
         _pct(large[-1][1]) if large else MISSING,
         _pct(max(a for _, a in large)) if large else MISSING,
         small,

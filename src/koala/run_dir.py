@@ -50,3 +50,13 @@ def read_metrics(run_dir: Path) -> list[dict[str, Any]]:
     if not path.is_file():
         raise ConfigError(f"{run_dir} is not a run directory: {METRICS_FILE} is missing")
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def without_times(value: Any) -> Any:
+    """Metrics with every wall-clock field (`time-*`) removed, at any depth: what two runs of the
+    same config must agree on."""
+    if isinstance(value, dict):
+        return {k: without_times(v) for k, v in value.items() if not k.startswith("time-")}
+    if isinstance(value, list):
+        return [without_times(v) for v in value]
+    return value

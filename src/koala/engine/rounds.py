@@ -28,7 +28,8 @@ class Replies:
     failures: list[dict[str, Any]] = field(default_factory=list)
 
     def fail(self, client_id: int, reason: str) -> None:
-        """Record a client that was sent its task but produced no update."""
+        """Record a sampled client that produced no usable update (unreachable, crashed, timed out,
+        or sent something that is not an update); updates that fail validation are `rejected` instead."""
         self.failures.append({"client": client_id, "reason": reason})
 
 
