@@ -5,7 +5,6 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from koala.accounting import ClientExchange, payload_bytes
 from koala.algorithms import ServerState, local_train
 from koala.config import ExperimentConfig
 from koala.engine.rounds import Dispatch, Echo, Replies, RunResult, run_experiment
@@ -22,11 +21,7 @@ def local_dispatch(experiment: Experiment) -> Dispatch:
         for cid in clients:
             task, data = algorithm.client_task(state, cid), experiment.split.client_data(cid)
             update = local_train(task, data, config, experiment.spec, derive_seed(config.seed, "client", round_number, cid))
-            replies.updates.append(update)
-            replies.exchanges.append(ClientExchange(
-                cid, task.architecture, payload_bytes(task.state), payload_bytes(update.state),
-                int(update.metrics["trained-samples"]),
-            ))
+            replies.received(task, update)
         return replies
 
     return dispatch

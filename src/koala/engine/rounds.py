@@ -10,9 +10,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from koala.accounting import ClientExchange, resources_summary, round_resources
+from koala.accounting import ClientExchange, payload_bytes, resources_summary, round_resources
 from koala.aggregate import ClientUpdate
-from koala.algorithms import RoundMetrics, ServerState
+from koala.algorithms import ClientTask, RoundMetrics, ServerState
 from koala.experiment import Experiment, sample_clients
 from koala.run_dir import CONFIG_FILE, METRICS_FILE, RESOURCES_FILE, SUMMARY_FILE, RunDirectory, default_run_dir
 
@@ -27,10 +27,21 @@ class Replies:
     exchanges: list[ClientExchange] = field(default_factory=list)
     failures: list[dict[str, Any]] = field(default_factory=list)
 
-    def fail(self, client_id: int, reason: str) -> None:
+    def received(self, task: ClientTask, update: ClientUpdate) -> None:
+        """Record a client's update, and the bytes and training its exchange cost."""
+        self.updates.append(update)
+        self.exchanges.append(ClientExchange(
+            task.client_id, task.architecture, payload_bytes(task.state), payload_bytes(update.state),
+            int(update.metrics["trained-samples"]),
+        ))
+
+    def fail(self, client_id: int, reason: str, sent: ClientTask | None = None) -> None:
         """Record a sampled client that produced no usable update (unreachable, crashed, timed out,
-        or sent something that is not an update); updates that fail validation are `rejected` instead."""
+        or sent something that is not an update); updates that fail validation are `rejected` instead.
+        `sent` is the task when it did go out: its download is accounted for."""
         self.failures.append({"client": client_id, "reason": reason})
+        if sent is not None:
+            self.exchanges.append(ClientExchange(client_id, sent.architecture, payload_bytes(sent.state), 0, 0))
 
 
 Dispatch = Callable[[ServerState, list[int], int], Replies]

@@ -12,7 +12,6 @@ from pathlib import Path
 from flwr.app import Context, Message, MessageType, RecordDict
 from flwr.serverapp import Grid, ServerApp
 
-from koala.accounting import ClientExchange, payload_bytes
 from koala.algorithms import ServerState
 from koala.config import ExperimentConfig, config_to_toml, load_config
 from koala.engine.flower.messages import read_reply, train_content
@@ -121,20 +120,15 @@ def grid_dispatch(grid: Grid, experiment: Experiment, nodes: dict[int, int]) -> 
                 replies.fail(cid, f"no SuperNode holds partition-id {cid}")
                 continue
             task, reply = tasks[cid], received.get(cid)
-            bytes_up, trained = 0, 0
             if reply is None:
-                replies.fail(cid, f"no reply within flower.round-timeout = {timeout:g} s")
+                replies.fail(cid, f"no reply within flower.round-timeout = {timeout:g} s", sent=task)
             elif reply.has_error():
-                replies.fail(cid, f"the ClientApp failed: {reply.error.reason}")
+                replies.fail(cid, f"the ClientApp failed: {reply.error.reason}", sent=task)
             else:
                 try:
-                    update = read_reply(reply.content, cid)
+                    replies.received(task, read_reply(reply.content, cid))
                 except UpdateRejected as exc:
-                    replies.fail(cid, str(exc))
-                else:
-                    replies.updates.append(update)
-                    bytes_up, trained = payload_bytes(update.state), int(update.metrics["trained-samples"])
-            replies.exchanges.append(ClientExchange(cid, task.architecture, payload_bytes(task.state), bytes_up, trained))
+                    replies.fail(cid, str(exc), sent=task)
         return replies
 
     return dispatch
