@@ -10,6 +10,7 @@ import json
 import tomllib
 from collections.abc import Sequence
 from dataclasses import dataclass
+from itertools import accumulate
 from pathlib import Path
 from typing import Any
 
@@ -49,8 +50,9 @@ class Run:
     def accuracy(self, model: str) -> list[tuple[int, float]]:
         return [(line["round"], line["eval"][model]["accuracy"]) for line in self.evaluated if model in line["eval"]]
 
-    def round_resources(self) -> list[dict[str, Any]]:
-        return [line["resources"] for line in self.metrics if line["round"] > 0 and "resources" in line]
+    def round_resources(self) -> dict[int, dict[str, Any]]:
+        """The `resources` entry of each federated round (not round 0), by round number."""
+        return {line["round"]: line["resources"] for line in self.metrics if line["round"] > 0 and "resources" in line}
 
 
 def _read_json(path: Path) -> dict[str, Any] | None:
@@ -82,20 +84,11 @@ def _mean(values: Sequence[float]) -> float | None:
     return sum(values) / len(values) if values else None
 
 
-def _client_architectures(run: Run) -> list[str]:
-    """The architectures the run's clients trained. Runs written before resources.json listed them
-    are read from their config: FedAvg-large clients train the large model, all others the small ones."""
-    if "client-architectures" in run.resources:
-        return list(run.resources["client-architectures"])
-    models = run.config.get("models", {})
-    return [models["large"]] if run.config.get("algorithm") == "fedavg-large" else list(models.get("small", []))
-
-
 def _client_parameters(run: Run) -> str:
     if not run.resources:
         return MISSING
     costs = run.resources["architectures"]
-    return ", ".join(f"{arch} {costs[arch]['parameters']:,}" for arch in _client_architectures(run) if arch in costs) or MISSING
+    return ", ".join(f"{arch} {costs[arch]['parameters']:,}" for arch in run.resources["client-architectures"])
 
 
 def _wall_time(run: Run) -> str:
@@ -110,7 +103,7 @@ def run_row(run: Run) -> list[str]:
     large = run.accuracy("large")
     small_models = [m for m in (run.evaluated[-1]["eval"] if run.evaluated else {}) if m.startswith("small:")]
     small = ", ".join(f"{m[6:]} {_pct(run.accuracy(m)[-1][1])}" for m in small_models) or MISSING
-    rounds = run.round_resources()
+    rounds = list(run.round_resources().values())
     flops = _mean([r["client-flops"] for r in rounds])
     traffic = _mean([r["bytes-down"] + r["bytes-up"] for r in rounds])
     return [
@@ -165,16 +158,10 @@ def plot_accuracy_vs_flops(runs: Sequence[Run], path: Path) -> None:
     """Accuracy against the clients' cumulative training FLOPs (runs without accounting are left out)."""
     fig, ax = plt.subplots(figsize=(8, 5))
     for run in runs:
-        spent = {0: 0}
-        total = 0
-        for line in run.metrics:
-            if line["round"] > 0 and "resources" in line:
-                total += line["resources"]["client-flops"]
-                spent[line["round"]] = total
-        if len(spent) == 1:
-            continue
+        rounds = run.round_resources()
+        spent = dict(zip(rounds, accumulate(r["client-flops"] for r in rounds.values())))
         for model in run.headline_models():
-            points = [(spent[r], 100 * a) for r, a in run.accuracy(model) if r in spent and spent[r] > 0]
+            points = [(spent[r], 100 * a) for r, a in run.accuracy(model) if spent.get(r, 0) > 0]
             if points:
                 ax.plot(*zip(*points), marker="o", markersize=3,
                         linestyle="-" if model == "large" else "--", label=_label(run, model))
@@ -187,8 +174,7 @@ def plot_bytes(runs: Sequence[Run], path: Path) -> None:
     """Bytes sent and received by all clients in each round."""
     fig, ax = plt.subplots(figsize=(8, 5))
     for run in runs:
-        points = [(line["round"], line["resources"]["bytes-down"] + line["resources"]["bytes-up"])
-                  for line in run.metrics if line["round"] > 0 and "resources" in line]
+        points = [(r, res["bytes-down"] + res["bytes-up"]) for r, res in run.round_resources().items()]
         if points:
             ax.plot(*zip(*points), marker="o", markersize=3, label=run.name)
     ax.set_yscale("log")
