@@ -10,6 +10,11 @@ SMALL_IMAGE_MAX_SIZE = 64
 """Images up to this size (28x28, 32x32, ...) get the small-image stem or head of an architecture."""
 
 
+def stem_stride(image_size: int) -> int:
+    """A stem's stride: 1 keeps full resolution on small images, 2 (the ImageNet stem) halves larger ones."""
+    return 1 if image_size <= SMALL_IMAGE_MAX_SIZE else 2
+
+
 def conv_bn_act(
     in_channels: int,
     out_channels: int,

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from torch import Tensor, nn
 
-from koala.models.layers import SMALL_IMAGE_MAX_SIZE, conv_bn_act, init_weights
+from koala.models.layers import conv_bn_act, init_weights, stem_stride
 from koala.models.registry import InputSpec, register_model
 
 STEM_CHANNELS = 32
@@ -69,8 +69,7 @@ class MobileNetV2(nn.Module):
 @register_model("mobilenetv2", "small", "MobileNetV2 x1.0 (stride-1 stem for images <= 64 px)")
 def mobilenetv2(spec: InputSpec) -> nn.Module:
     """MobileNetV2 for `spec`; the stem keeps full resolution on small images."""
-    stem_stride = 1 if spec.image_size <= SMALL_IMAGE_MAX_SIZE else 2
-    return MobileNetV2(spec.channels, spec.num_classes, stem_stride=stem_stride)
+    return MobileNetV2(spec.channels, spec.num_classes, stem_stride=stem_stride(spec.image_size))
 
 
 @register_model("mobilenetv2-imagenet", "small", "MobileNetV2 x1.0, torchvision's ImageNet layout (stride-2 stem)")

@@ -10,7 +10,7 @@ from functools import partial
 
 from torch import Tensor, nn
 
-from koala.models.layers import SMALL_IMAGE_MAX_SIZE, init_weights
+from koala.models.layers import init_weights, stem_stride
 from koala.models.layers import conv_bn_act as _conv_bn_act
 from koala.models.registry import InputSpec, register_model
 
@@ -131,8 +131,7 @@ class MobileNetV3Small(nn.Module):
 @register_model("mobilenetv3-small", "small", "MobileNetV3-Small (stride-1 stem for images <= 64 px)")
 def mobilenetv3_small(spec: InputSpec) -> nn.Module:
     """MobileNetV3-Small for `spec`; the stem keeps full resolution on small images."""
-    stem_stride = 1 if spec.image_size <= SMALL_IMAGE_MAX_SIZE else 2
-    return MobileNetV3Small(spec.channels, spec.num_classes, stem_stride=stem_stride)
+    return MobileNetV3Small(spec.channels, spec.num_classes, stem_stride=stem_stride(spec.image_size))
 
 
 @register_model("mobilenetv3-small-imagenet", "small", "MobileNetV3-Small, torchvision's ImageNet layout (stride-2 stem)")
