@@ -47,6 +47,27 @@ def validate_update(update: ClientUpdate, expected_architecture: str, reference:
             raise UpdateRejected(f"{who}: tensor {name!r} holds NaN or Inf values")
 
 
+def update_distance(update: ClientUpdate, reference: Mapping[str, torch.Tensor]) -> float:
+    """L2 norm of the update's change to `reference`, over every floating-point tensor (weights and
+    BatchNorm statistics; integer counters are left out), summed in float64."""
+    total = torch.zeros((), dtype=torch.float64)
+    for name, ref in reference.items():
+        if ref.is_floating_point():
+            total += (update.state[name].to(torch.float64) - ref.to(torch.float64)).square().sum().cpu()
+    return float(total.sqrt())
+
+
+def clip_update(update: ClientUpdate, reference: Mapping[str, torch.Tensor], max_norm: float) -> ClientUpdate:
+    """The update with its change to `reference` scaled down to L2 norm `max_norm` (the direction is
+    kept); integer tensors are left as sent. Call it on validated updates whose norm exceeds `max_norm`."""
+    scale = max_norm / update_distance(update, reference)
+    state = {
+        name: (ref + (update.state[name] - ref) * scale).to(ref.dtype) if ref.is_floating_point() else update.state[name]
+        for name, ref in reference.items()
+    }
+    return ClientUpdate(update.client_id, update.architecture, state, update.num_examples, update.metrics)
+
+
 def fedavg(states: Sequence[Mapping[str, torch.Tensor]], weights: Sequence[float]) -> StateDict:
     """Weighted average of state dicts (weights are normalised). Sums run in float64; integer buffers
     such as BatchNorm's batch counter are rounded back to their dtype."""

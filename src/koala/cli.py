@@ -12,17 +12,30 @@ from koala.errors import ConfigError, KoalaError
 def _run(args: argparse.Namespace) -> None:
     from koala.config import load_config
 
-    config = load_config(args.config, args.set)
+    if args.resume is not None:
+        if args.config is not None or args.set or args.out is not None:
+            raise ConfigError(
+                "--resume RUN_DIR continues a run with the config in RUN_DIR/config.toml: "
+                "give no CONFIG, --set or --out with it"
+            )
+        from koala.run_dir import CONFIG_FILE, RunDirectory
+
+        config = load_config(RunDirectory.reopen(args.resume).path / CONFIG_FILE)
+        out, resume = args.resume, True
+    elif args.config is None:
+        raise ConfigError("koala run needs an experiment file (e.g. configs/quickstart.toml) or --resume RUN_DIR")
+    else:
+        config, out, resume = load_config(args.config, args.set), args.out, False
     if args.engine == "flower-sim":
         try:
             from koala.engine.flower.simulation import run_flower_simulation
         except ImportError:
             raise ConfigError("--engine flower-sim needs Flower: pip install 'koala-fl[flower]'") from None
-        run_flower_simulation(config, args.out)
+        run_flower_simulation(config, out, resume=resume)
     else:
         from koala.engine.local import run_local
 
-        run_local(config, args.out)
+        run_local(config, out, resume=resume)
 
 
 def _download(args: argparse.Namespace) -> None:
@@ -93,7 +106,9 @@ def build_parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", required=True)
 
     run = commands.add_parser("run", help="run an experiment from a TOML config")
-    run.add_argument("config", type=Path, help="experiment file, e.g. configs/quickstart.toml")
+    run.add_argument("config", type=Path, nargs="?", help="experiment file, e.g. configs/quickstart.toml")
+    run.add_argument("--resume", type=Path, default=None, metavar="RUN_DIR",
+                     help="continue a stopped run from its last checkpoint (with the config it was started with)")
     run.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                      help="override a config value, e.g. --set data.alpha=0.3 (repeatable)")
     run.add_argument("--out", type=Path, default=None, help="run directory (default: runs/NAME-ALGORITHM-TIME)")

@@ -123,6 +123,12 @@ class ClientConfig(OptimizerConfig):
     min_replies: int = Field(
         1, ge=1, description="fewest accepted updates for a round to change the server's models"
     )
+    dropout_probability: float = Field(
+        0.0, ge=0, lt=1, description="chance that a sampled client is unreachable in a round (simulated failures)"
+    )
+    max_update_norm: float = Field(
+        0.0, ge=0, description="clip an update's L2 distance from the model it was sent to this norm (0 = off)"
+    )
 
     def clients_per_round(self, num_clients: int) -> int:
         """How many clients a round samples."""

@@ -20,5 +20,9 @@ class ModelError(KoalaError):
     """An unknown model name, or weights that do not fit the model."""
 
 
+class CheckpointError(KoalaError):
+    """A run cannot be resumed: its directory is not a run, or its checkpoint is missing or damaged."""
+
+
 class UpdateRejected(KoalaError):
     """A client update failed validation and must not be aggregated."""

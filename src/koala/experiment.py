@@ -15,7 +15,7 @@ from koala.data.federated import FederatedSplit, make_federated_split
 from koala.data.sources import load_source
 from koala.errors import ConfigError
 from koala.models import InputSpec
-from koala.seeding import torch_generator
+from koala.seeding import numpy_generator, torch_generator
 
 
 @dataclass(frozen=True)
@@ -71,3 +71,12 @@ def sample_clients(seed: int, round_number: int, num_clients: int, count: int) -
     """The round's `count` clients: a seeded draw over the sorted client ids, returned sorted."""
     order = torch.randperm(num_clients, generator=torch_generator(seed, "sample", round_number))
     return sorted(order[:count].tolist())
+
+
+def unreachable_clients(seed: int, round_number: int, clients: list[int], probability: float) -> list[int]:
+    """The sampled clients that drop out of the round (simulated failures): each independently with
+    `probability`, from a stream of its own, so dropout never shifts sampling or training."""
+    if probability == 0:
+        return []
+    draws = numpy_generator(seed, "dropout", round_number).random(len(clients))
+    return [cid for cid, draw in zip(clients, draws) if draw < probability]

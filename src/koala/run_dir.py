@@ -1,47 +1,100 @@
-"""The run directory: resolved config, one metrics line per round, and the final summary."""
+"""The run directory: resolved config, one metrics line per round, checkpoint, status and the final summary."""
 
 from __future__ import annotations
 
 import json
+import os
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from koala.config import ExperimentConfig, config_to_toml
-from koala.errors import ConfigError
+from koala.errors import CheckpointError, ConfigError
 
 CONFIG_FILE = "config.toml"
 METRICS_FILE = "metrics.jsonl"
 SUMMARY_FILE = "summary.json"
 RESOURCES_FILE = "resources.json"
+STATUS_FILE = "status.json"
+
+RunStatus = Literal["running", "complete", "failed"]
 
 
 def default_run_dir(config: ExperimentConfig, root: Path = Path("runs")) -> Path:
     return root / f"{config.name}-{config.algorithm}-{time.strftime('%Y%m%d-%H%M%S')}"
 
 
-class RunDirectory:
-    """Writes one run's files. Refuses to write into a directory that already holds a run."""
+def write_atomically(target: Path, content: bytes) -> None:
+    """Write `content` to a temporary file beside `target`, flush it to disk and rename it over
+    `target`: a kill at any moment leaves either the old file or the new one, never a torn one."""
+    temporary = target.with_name(target.name + ".tmp")
+    with temporary.open("wb") as handle:
+        handle.write(content)
+        handle.flush()
+        os.fsync(handle.fileno())
+    os.replace(temporary, target)
+    directory = os.open(target.parent, os.O_RDONLY)
+    try:
+        os.fsync(directory)  # makes the rename itself durable
+    finally:
+        os.close(directory)
 
-    def __init__(self, path: Path) -> None:
+
+class RunDirectory:
+    """Writes one run's files: `create` for a new run, `reopen` to resume one."""
+
+    def __init__(self, path: Path, started: bool) -> None:
+        self.path = path
+        self.started = started  # whether the run's files exist: one never started is not marked failed
+
+    @classmethod
+    def create(cls, path: Path) -> RunDirectory:
+        """A new run's directory; refuses one that already holds files (nothing is overwritten).
+        Nothing is written until `start`."""
         if path.exists() and any(path.iterdir()):
             raise ConfigError(f"output directory {path} already exists and is not empty; choose another --out")
-        self.path = path
+        return cls(path, started=False)
+
+    @classmethod
+    def reopen(cls, path: Path) -> RunDirectory:
+        """An existing run's directory, to resume it; anything that is not one is refused."""
+        if not path.is_dir():
+            raise CheckpointError(f"cannot resume {path}: no such directory; pass the directory a run wrote (its --out)")
+        if not (path / CONFIG_FILE).is_file() or not (path / METRICS_FILE).is_file():
+            raise CheckpointError(
+                f"cannot resume {path}: it is not a koala run directory ({CONFIG_FILE} or {METRICS_FILE} is missing); "
+                "pass the directory a run wrote (its --out)"
+            )
+        return cls(path, started=True)
 
     def start(self, config: ExperimentConfig) -> None:
         self.path.mkdir(parents=True, exist_ok=True)
         (self.path / CONFIG_FILE).write_text(config_to_toml(config))
         (self.path / METRICS_FILE).write_text("")
+        self.started = True
+        self.mark("running")
+
+    def config_toml(self) -> str:
+        return (self.path / CONFIG_FILE).read_text()
 
     def append_metrics(self, line: dict[str, Any]) -> None:
         with (self.path / METRICS_FILE).open("a") as handle:
             handle.write(json.dumps(line, sort_keys=True) + "\n")
 
+    def rewrite_metrics(self, lines: list[dict[str, Any]]) -> None:
+        """Replace metrics.jsonl by `lines` (a resumed run drops lines written after its checkpoint)."""
+        text = "".join(json.dumps(line, sort_keys=True) + "\n" for line in lines)
+        write_atomically(self.path / METRICS_FILE, text.encode())
+
     def write_json(self, name: str, content: dict[str, Any]) -> Path:
-        """Write `content` as indented JSON to the run's file `name`."""
+        """Write `content` as indented JSON to the run's file `name`, atomically."""
         target = self.path / name
-        target.write_text(json.dumps(content, indent=2, sort_keys=True) + "\n")
+        write_atomically(target, (json.dumps(content, indent=2, sort_keys=True) + "\n").encode())
         return target
+
+    def mark(self, status: RunStatus, **details: Any) -> None:
+        """Record in status.json whether the run is running, complete or failed (with why)."""
+        self.write_json(STATUS_FILE, {"status": status, **details})
 
 
 def read_metrics(run_dir: Path) -> list[dict[str, Any]]:

@@ -15,6 +15,7 @@ from torch import nn
 from koala.config import OptimizerConfig
 from koala.data.dataset import ImageSplit
 from koala.distill import kd_loss
+from koala.seeding import seeded_torch
 
 BatchLoss = Callable[[torch.Tensor], torch.Tensor]
 
@@ -43,36 +44,42 @@ def shuffled_batches(num_examples: int, batch_size: int, generator: torch.Genera
         yield order[start : min(start + batch_size, stop)]
 
 
-def sgd_train(model: nn.Module, num_examples: int, batch_loss: BatchLoss, settings: OptimizerConfig, generator: torch.Generator) -> float:
-    """Train `model` for `settings.epochs` epochs of SGD; returns the mean loss of the last epoch."""
+def sgd_train(model: nn.Module, num_examples: int, batch_loss: BatchLoss, settings: OptimizerConfig, seed: int) -> float:
+    """Train `model` for `settings.epochs` epochs of SGD; returns the mean loss of the last epoch.
+
+    `seed` fixes the batch order and the model's own randomness (dropout), which runs on a stream
+    of its own: training is a pure function of its inputs and leaves torch's global generator as it was.
+    """
     if settings.epochs == 0 or num_examples == 0:
         return float("nan")
     device = next(model.parameters()).device
     optimizer = torch.optim.SGD(
         model.parameters(), lr=settings.lr, momentum=settings.momentum, weight_decay=settings.weight_decay
     )
+    order = torch.Generator().manual_seed(seed)
     model.train()
-    for _ in range(settings.epochs):
-        total = torch.zeros((), device=device)
-        seen = 0
-        for batch in shuffled_batches(num_examples, settings.batch_size, generator, device):
-            loss = batch_loss(batch)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            total += loss.detach() * len(batch)
-            seen += len(batch)
+    with seeded_torch(seed, "layers", device=device):
+        for _ in range(settings.epochs):
+            total = torch.zeros((), device=device)
+            seen = 0
+            for batch in shuffled_batches(num_examples, settings.batch_size, order, device):
+                loss = batch_loss(batch)
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                optimizer.step()
+                total += loss.detach() * len(batch)
+                seen += len(batch)
     return float(total / max(seen, 1))
 
 
-def train_supervised(model: nn.Module, data: ImageSplit, settings: OptimizerConfig, generator: torch.Generator) -> float:
+def train_supervised(model: nn.Module, data: ImageSplit, settings: OptimizerConfig, seed: int) -> float:
     """Cross-entropy training on labelled data; returns the last epoch's mean loss."""
     return sgd_train(
         model,
         len(data),
         lambda idx: F.cross_entropy(model(data.images[idx]), data.labels[idx]),
         settings,
-        generator,
+        seed,
     )
 
 
@@ -82,7 +89,7 @@ def train_distill(
     teacher_probs: torch.Tensor,
     temperature: float,
     settings: OptimizerConfig,
-    generator: torch.Generator,
+    seed: int,
 ) -> float:
     """Distil fixed teacher soft targets into `student` with T²·KL; returns the last epoch's mean loss."""
     return sgd_train(
@@ -90,7 +97,7 @@ def train_distill(
         len(inputs),
         lambda idx: kd_loss(student(inputs[idx]), teacher_probs[idx], temperature),
         settings,
-        generator,
+        seed,
     )
 
 

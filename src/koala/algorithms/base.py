@@ -10,7 +10,7 @@ from __future__ import annotations
 import time
 from abc import ABC, abstractmethod
 from collections import Counter
-from collections.abc import Iterator, Sequence
+from collections.abc import Collection, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -18,14 +18,14 @@ from typing import Any, Literal
 
 import torch
 
-from koala.aggregate import ClientUpdate, StateDict, validate_update
+from koala.aggregate import ClientUpdate, StateDict, clip_update, update_distance, validate_update
 from koala.algorithms.assignment import assign_architectures
 from koala.algorithms.models import evaluate_state, initial_state, instantiate, load_weights, module_state
 from koala.config import ExperimentConfig
 from koala.data.dataset import ImageSplit
 from koala.errors import UpdateRejected
 from koala.models import InputSpec, model_entry
-from koala.seeding import torch_generator
+from koala.seeding import derive_seed
 from koala.training import trained_samples, train_supervised
 
 WorkKind = Literal["train", "inference"]
@@ -64,6 +64,8 @@ class RoundMetrics:
 
     values: dict[str, Any] = field(default_factory=dict)
     rejected: list[dict[str, Any]] = field(default_factory=list)
+    clipped: list[dict[str, Any]] = field(default_factory=list)
+    """Accepted updates scaled down to `client.max-update-norm`, with their norm as sent."""
     work: Counter[tuple[str, WorkKind]] = field(default_factory=Counter)
     """Server compute of the round: samples passed through each architecture, per kind of pass."""
 
@@ -109,16 +111,30 @@ class Algorithm(ABC):
         return ClientTask(client_id, self.client_architecture(client_id), self.client_weights(state, client_id))
 
     # -- what the server does with the replies --------------------------------------------------
-    def accept_updates(self, state: ServerState, updates: Sequence[ClientUpdate], metrics: RoundMetrics) -> list[ClientUpdate]:
-        """The updates that pass validation; each rejected one is recorded with its reason."""
-        accepted = []
+    def accept_updates(
+        self, state: ServerState, clients: Collection[int], updates: Sequence[ClientUpdate], metrics: RoundMetrics
+    ) -> list[ClientUpdate]:
+        """The updates of the round's sampled `clients` that pass validation, each clipped to
+        `client.max-update-norm` when that is set. A rejected update is recorded with its reason and
+        left out, so the round goes on exactly as if that client had not replied."""
+        accepted: list[ClientUpdate] = []
+        replied: set[int] = set()
+        max_norm = self.config.client.max_update_norm
         for update in updates:
-            arch = self.client_architecture(update.client_id)
             try:
-                validate_update(update, arch, self.client_weights(state, update.client_id))
+                if update.client_id not in clients:
+                    raise UpdateRejected(f"client {update.client_id!r} was not sampled this round")
+                if update.client_id in replied:
+                    raise UpdateRejected(f"client {update.client_id} replied more than once this round")
+                replied.add(update.client_id)
+                reference = self.client_weights(state, update.client_id)
+                validate_update(update, self.client_architecture(update.client_id), reference)
             except UpdateRejected as exc:
                 metrics.rejected.append({"client": update.client_id, "reason": str(exc)})
                 continue
+            if max_norm and (norm := update_distance(update, reference)) > max_norm:
+                update = clip_update(update, reference, max_norm)
+                metrics.clipped.append({"client": update.client_id, "norm": norm})
             accepted.append(update)
         return accepted
 
@@ -148,7 +164,7 @@ class Algorithm(ABC):
             labelled = self.server_data.labelled
             assert labelled is not None  # the config validator guarantees a labelled server set
             model = instantiate(arch, self.spec, state, self.device)
-            train_supervised(model, labelled, init.pretrain, torch_generator(self.config.seed, "pretrain"))
+            train_supervised(model, labelled, init.pretrain, derive_seed(self.config.seed, "pretrain"))
             metrics.add_work(arch, "train", trained_samples(len(labelled), init.pretrain))
             return module_state(model)
         return state
@@ -164,6 +180,6 @@ def local_train(task: ClientTask, data: ImageSplit, config: ExperimentConfig, sp
     it runs. The model lives on the device the data is on.
     """
     model = instantiate(task.architecture, spec, task.state, data.images.device)
-    loss = train_supervised(model, data, config.client, torch_generator(seed))
+    loss = train_supervised(model, data, config.client, seed)
     metrics = {"train-loss": loss, "trained-samples": trained_samples(len(data), config.client)}
     return ClientUpdate(task.client_id, task.architecture, module_state(model), len(data), metrics)

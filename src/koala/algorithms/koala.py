@@ -14,7 +14,7 @@ from koala.aggregate import ClientUpdate, GroupAggregate, StateDict, aggregate_b
 from koala.algorithms.base import Algorithm, RoundMetrics, ServerState
 from koala.algorithms.models import instantiate, module_state
 from koala.distill import fusion_rule, soft_targets
-from koala.seeding import torch_generator
+from koala.seeding import derive_seed
 from koala.training import predict_logits, train_distill, trained_samples
 
 
@@ -70,7 +70,7 @@ class Koala(Algorithm):
         proxy = self.server_data.proxy_images
         metrics.values["reverse-loss"] = train_distill(
             student, proxy, targets, distill.temperature, distill.reverse,
-            torch_generator(self.config.seed, "reverse-distill", round_number),
+            derive_seed(self.config.seed, "reverse-distill", round_number),
         )
         metrics.add_work(self.config.models.large, "train", trained_samples(len(proxy), distill.reverse))
         return student
@@ -84,7 +84,7 @@ class Koala(Algorithm):
             student = instantiate(arch, self.spec, weights, self.device)
             metrics.values[f"forward-loss:{arch}"] = train_distill(
                 student, proxy, targets, distill.temperature, distill.forward,
-                torch_generator(self.config.seed, "forward-distill", round_number, arch),
+                derive_seed(self.config.seed, "forward-distill", round_number, arch),
             )
             metrics.add_work(arch, "train", trained_samples(len(proxy), distill.forward))
             result[arch] = module_state(student)

@@ -13,8 +13,12 @@ from typing import Any
 from koala.accounting import ClientExchange, payload_bytes, resources_summary, round_resources
 from koala.aggregate import ClientUpdate
 from koala.algorithms import ClientTask, RoundMetrics, ServerState
-from koala.experiment import Experiment, sample_clients
+from koala.checkpoint import CHECKPOINT_FILE, Checkpoint, load_checkpoint, save_checkpoint
+from koala.config import config_to_toml
+from koala.errors import ConfigError
+from koala.experiment import Experiment, sample_clients, unreachable_clients
 from koala.run_dir import CONFIG_FILE, METRICS_FILE, RESOURCES_FILE, SUMMARY_FILE, RunDirectory, default_run_dir
+from koala.seeding import GlobalRngState
 
 Echo = Callable[[str], None]
 
@@ -60,7 +64,7 @@ def complete_round(experiment: Experiment, state: ServerState, clients: list[int
     `client.min-replies` leaves the server's models as they were."""
     config, algorithm = experiment.config, experiment.algorithm
     metrics = RoundMetrics()
-    accepted = algorithm.accept_updates(state, replies.updates, metrics)
+    accepted = algorithm.accept_updates(state, clients, replies.updates, metrics)
     line: dict[str, Any] = {"round": state.round + 1, "clients": len(clients), "accepted": len(accepted)}
     if len(accepted) >= config.client.min_replies:
         with metrics.timed("server"):
@@ -76,10 +80,31 @@ def complete_round(experiment: Experiment, state: ServerState, clients: list[int
     line["train-loss"] = sum(u.metrics["train-loss"] * u.num_examples for u in accepted) / examples if examples else None
     line.update(metrics.values)
     line["resources"] = round_resources(experiment.costs, replies.exchanges, metrics.work)
-    if metrics.rejected:
-        line["rejected"] = metrics.rejected
-    if replies.failures:
-        line["failed"] = replies.failures
+    for key, entries in (("rejected", metrics.rejected), ("clipped", metrics.clipped), ("failed", replies.failures)):
+        if entries:
+            line[key] = entries
+    return state, line
+
+
+def play_round(experiment: Experiment, dispatch: Dispatch, state: ServerState) -> tuple[ServerState, dict[str, Any]]:
+    """One round after `state`: sample clients, leave out the ones that drop out, dispatch the
+    others' tasks, complete the round and evaluate when due."""
+    config, round_number = experiment.config, state.round + 1
+    round_start = time.perf_counter()
+    clients = sample_clients(
+        config.seed, round_number, config.data.num_clients, config.client.clients_per_round(config.data.num_clients)
+    )
+    dropped = unreachable_clients(config.seed, round_number, clients, config.client.dropout_probability)
+    client_start = time.perf_counter()
+    replies = dispatch(state, [cid for cid in clients if cid not in dropped], round_number)
+    client_time = time.perf_counter() - client_start
+    for cid in dropped:
+        replies.fail(cid, f"unreachable this round (simulated: client.dropout-probability = {config.client.dropout_probability:g})")
+    state, line = complete_round(experiment, state, clients, replies)
+    line["time-clients"] = round(client_time, 4)
+    if round_number % config.eval_every == 0 or round_number == config.rounds:
+        line["eval"] = experiment.algorithm.evaluate(state)
+    line["time-round"] = round(time.perf_counter() - round_start, 4)
     return state, line
 
 
@@ -90,14 +115,23 @@ def format_progress(line: dict[str, Any], total_rounds: int) -> str:
         parts.append(f"{model} {100 * result['accuracy']:.2f}%")
     if line["round"] > 0:
         parts.append(f"clients {line['accepted']}/{line['clients']}")
-        if line.get("failed"):
-            parts.append(f"failed {len(line['failed'])}")
+        for key in ("failed", "rejected", "clipped"):
+            if line.get(key):
+                parts.append(f"{key} {len(line[key])}")
         if line["train-loss"] is not None:
             parts.append(f"train-loss {line['train-loss']:.3f}")
         parts.append(f"{line['time-round']:.1f} s")
         if "skipped" in line:
             parts.append("SKIPPED: " + line["skipped"])
     return "  ".join(parts)
+
+
+def format_client_problems(line: dict[str, Any]) -> list[str]:
+    """One line per client that failed, was rejected or clipped in the round, with the reason."""
+    problems = [f"  client {entry['client']} failed: {entry['reason']}" for entry in line.get("failed", [])]
+    problems += [f"  client {entry['client']} rejected: {entry['reason']}" for entry in line.get("rejected", [])]
+    problems += [f"  client {entry['client']} clipped: update norm {entry['norm']:.4g}" for entry in line.get("clipped", [])]
+    return problems
 
 
 def format_savings(resources: dict[str, Any]) -> str:
@@ -138,47 +172,85 @@ def summarise(
     }
 
 
-def run_experiment(experiment: Experiment, dispatch: Dispatch, out_dir: Path | None = None, echo: Echo = print, engine: str = "local") -> RunResult:
-    """Run every round of `experiment`, its clients reached through `dispatch`, writing the run directory."""
-    config, algorithm = experiment.config, experiment.algorithm
-    run_dir = RunDirectory(out_dir or default_run_dir(config))
-    started = time.perf_counter()
-    start_metrics = RoundMetrics()
-    with start_metrics.timed("start"):
-        state = algorithm.initial_state(start_metrics)
-    run_dir.start(config)
+def run_experiment(
+    experiment: Experiment, dispatch: Dispatch, out_dir: Path | None = None, echo: Echo = print,
+    engine: str = "local", resume: bool = False,
+) -> RunResult:
+    """Run every round of `experiment`, its clients reached through `dispatch`, writing the run
+    directory with a checkpoint after every round. With `resume`, `out_dir` is an existing run
+    directory and the run continues from its checkpoint, as if it had never stopped."""
+    config = experiment.config
+    session_start = time.perf_counter()
+    if resume:
+        if out_dir is None:
+            raise ConfigError("resuming needs the run directory to continue")
+        run_dir = RunDirectory.reopen(out_dir)
+        progress = load_checkpoint(run_dir.path, config_to_toml(config), experiment.device)
+        progress.rng.restore()
+        run_dir.rewrite_metrics(progress.history)
+        run_dir.mark("running")
+    else:
+        run_dir = RunDirectory.create(out_dir or default_run_dir(config))
     description = {**experiment.describe(), "engine": engine}
     echo(f"{description['algorithm']} ({description['mode']}) on {description['dataset']} with the {engine} engine: "
          f"large {description['large']}, small {description['small']}, split {description['split']}")
-    history = [{
+    try:
+        if resume:
+            echo(f"resuming {run_dir.path} after round {progress.state.round} of {config.rounds}")
+        else:
+            progress = _start_run(experiment, run_dir)
+            echo(format_progress(progress.history[0], config.rounds))
+        return _run_rounds(experiment, dispatch, run_dir, progress, description, session_start, echo)
+    except BaseException as exc:  # including Ctrl-C: a started run is marked failed, then the error goes on
+        if run_dir.started:
+            run_dir.mark("failed", error=f"{type(exc).__name__}: {exc}", resume=f"koala run --resume {run_dir.path}")
+        raise
+
+
+def _start_run(experiment: Experiment, run_dir: RunDirectory) -> Checkpoint:
+    """The server's starting state (any pretraining included), written as round 0 of the run directory."""
+    start_metrics = RoundMetrics()
+    with start_metrics.timed("start"):
+        state = experiment.algorithm.initial_state(start_metrics)
+    run_dir.start(experiment.config)
+    first_line = {
         "round": 0,
-        "eval": algorithm.evaluate(state),
+        "eval": experiment.algorithm.evaluate(state),
         **start_metrics.values,
         "resources": round_resources(experiment.costs, [], start_metrics.work),
-    }]
-    run_dir.append_metrics(history[0])
-    echo(format_progress(history[0], config.rounds))
-    for round_number in range(1, config.rounds + 1):
-        round_start = time.perf_counter()
-        clients = sample_clients(
-            config.seed, round_number, config.data.num_clients, config.client.clients_per_round(config.data.num_clients)
-        )
-        client_start = time.perf_counter()
-        replies = dispatch(state, clients, round_number)
-        client_time = time.perf_counter() - client_start
-        state, line = complete_round(experiment, state, clients, replies)
-        line["time-clients"] = round(client_time, 4)
-        if round_number % config.eval_every == 0 or round_number == config.rounds:
-            line["eval"] = algorithm.evaluate(state)
-        line["time-round"] = round(time.perf_counter() - round_start, 4)
-        run_dir.append_metrics(line)
+    }
+    progress = Checkpoint(state, [first_line], start_metrics.values["time-start"], GlobalRngState.capture())
+    save_checkpoint(run_dir.path, progress, config_to_toml(experiment.config))
+    run_dir.append_metrics(first_line)
+    return progress
+
+
+def _run_rounds(
+    experiment: Experiment, dispatch: Dispatch, run_dir: RunDirectory, progress: Checkpoint,
+    description: dict[str, Any], session_start: float, echo: Echo,
+) -> RunResult:
+    """The rounds after `progress`, each checkpointed before its metrics line is appended, then the
+    run's resources and summary."""
+    config, config_toml = experiment.config, config_to_toml(experiment.config)
+    state, history = progress.state, list(progress.history)
+
+    def elapsed() -> float:
+        return progress.elapsed + time.perf_counter() - session_start
+
+    for _ in range(state.round, config.rounds):
+        state, line = play_round(experiment, dispatch, state)
         history.append(line)
+        save_checkpoint(run_dir.path, Checkpoint(state, history, elapsed(), GlobalRngState.capture()), config_toml)
+        run_dir.append_metrics(line)
         echo(format_progress(line, config.rounds))
+        for problem in format_client_problems(line):
+            echo(problem)
     resources = resources_summary(experiment.costs, config.models.large, experiment.client_architectures(), history)
     run_dir.write_json(RESOURCES_FILE, resources)
-    summary = summarise(history, description, time.perf_counter() - started, resources)
+    summary = summarise(history, description, elapsed(), resources)
     run_dir.write_json(SUMMARY_FILE, summary)
+    run_dir.mark("complete", rounds=config.rounds)
     echo("final: " + "  ".join(f"{m} {100 * r['accuracy']:.2f}%" for m, r in summary["final"].items()))
     echo(format_savings(resources))
-    echo(f"wrote {run_dir.path}/ ({CONFIG_FILE}, {METRICS_FILE}, {RESOURCES_FILE}, {SUMMARY_FILE})")
+    echo(f"wrote {run_dir.path}/ ({CONFIG_FILE}, {METRICS_FILE}, {RESOURCES_FILE}, {SUMMARY_FILE}, {CHECKPOINT_FILE})")
     return RunResult(run_dir.path, history, summary)

@@ -18,6 +18,7 @@ from koala.engine.flower.messages import read_reply, train_content
 from koala.engine.rounds import Dispatch, Echo, Replies, RunResult, run_experiment
 from koala.errors import ConfigError, UpdateRejected
 from koala.experiment import Experiment, prepare_experiment
+from koala.run_dir import CONFIG_FILE, RunDirectory
 
 POLL_INTERVAL = 0.25
 """Seconds between pulls of replies (Flower's own send_and_receive waits 3 s between pulls)."""
@@ -134,11 +135,12 @@ def grid_dispatch(grid: Grid, experiment: Experiment, nodes: dict[int, int]) -> 
     return dispatch
 
 
-def run_on_grid(grid: Grid, config: ExperimentConfig, out_dir: Path | None, echo: Echo, engine: str) -> RunResult:
-    """Prepare the experiment on the server, find the SuperNodes and run every round over the Grid."""
+def run_on_grid(grid: Grid, config: ExperimentConfig, out_dir: Path | None, echo: Echo, engine: str, resume: bool = False) -> RunResult:
+    """Prepare the experiment on the server, find the SuperNodes and run every round over the Grid
+    (with `resume`, the rounds after `out_dir`'s checkpoint)."""
     experiment = prepare_experiment(config)
     nodes = discover_partitions(grid, config, echo)
-    return run_experiment(experiment, grid_dispatch(grid, experiment, nodes), out_dir, echo, engine=engine)
+    return run_experiment(experiment, grid_dispatch(grid, experiment, nodes), out_dir, echo, engine=engine, resume=resume)
 
 
 app = ServerApp()
@@ -146,10 +148,17 @@ app = ServerApp()
 
 @app.main()
 def main(grid: Grid, context: Context) -> None:
-    """Deployment entry: `config` (a TOML file on the server host) and `out` come from the run config."""
+    """Deployment entry: `config` (a TOML file on the server host) and `out` come from the run config,
+    or `resume` (a run directory on the server host) alone."""
     run_config = context.run_config
+    if run_config.get("resume"):
+        run_dir = RunDirectory.reopen(Path(str(run_config["resume"])).expanduser())
+        config = load_config(run_dir.path / CONFIG_FILE)
+        run_on_grid(grid, config, run_dir.path, print, engine="flower", resume=True)
+        return
     if not run_config.get("config"):
-        raise ConfigError("no experiment: pass --run-config 'config=\"/path/to/experiment.toml\"' to flwr run")
+        raise ConfigError("no experiment: pass --run-config 'config=\"/path/to/experiment.toml\"' to flwr run "
+                          "(or 'resume=\"/path/to/run\"' to continue a run)")
     config = load_config(Path(str(run_config["config"])).expanduser())
     out = str(run_config.get("out", ""))
     run_on_grid(grid, config, Path(out).expanduser() if out else None, print, engine="flower")

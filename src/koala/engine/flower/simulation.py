@@ -16,8 +16,12 @@ from koala.engine.rounds import Echo, RunResult
 from koala.errors import KoalaError
 
 
-def run_flower_simulation(config: ExperimentConfig, out_dir: Path | None = None, echo: Echo = print, cpus_per_client: float = 1.0) -> RunResult:
-    """Run `config` on Flower's simulation engine and return what the run wrote."""
+def run_flower_simulation(
+    config: ExperimentConfig, out_dir: Path | None = None, echo: Echo = print, cpus_per_client: float = 1.0,
+    resume: bool = False,
+) -> RunResult:
+    """Run `config` on Flower's simulation engine and return what the run wrote (with `resume`, the
+    rounds after `out_dir`'s checkpoint)."""
     results: list[RunResult] = []
     errors: list[BaseException] = []
     server_app = ServerApp()
@@ -25,7 +29,7 @@ def run_flower_simulation(config: ExperimentConfig, out_dir: Path | None = None,
     @server_app.main()
     def main(grid: Grid, context: Context) -> None:
         try:
-            results.append(run_on_grid(grid, config, out_dir, echo, engine="flower-sim"))
+            results.append(run_on_grid(grid, config, out_dir, echo, engine="flower-sim", resume=resume))
         except BaseException as exc:  # re-raised below: Flower only logs errors of the ServerApp
             errors.append(exc)
             raise

@@ -1,0 +1,165 @@
+"""Checkpoints: everything a run needs to continue after round k, in one safetensors file.
+
+The file holds the server state (the large model and the small model of every architecture), the
+global random generators' states, and as metadata the round, the metrics lines so far, the run's
+elapsed time and the config it was written with. It is written atomically (a temporary file,
+flushed to disk, then renamed over the old one), so a kill at any moment leaves either the previous
+checkpoint or the new one. A digest over every tensor and every metadata field catches a damaged
+file; safetensors never unpickles anything.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save
+
+from koala.algorithms import ServerState
+from koala.errors import CheckpointError
+from koala.run_dir import CONFIG_FILE, write_atomically
+from koala.seeding import GlobalRngState
+
+CHECKPOINT_FILE = "checkpoint.safetensors"
+FORMAT = "koala-fl checkpoint 1"
+_LARGE, _SMALL, _RNG = "large/", "small/", "rng/"
+
+
+@dataclass(frozen=True)
+class Checkpoint:
+    """A run as it stood after round `state.round`."""
+
+    state: ServerState
+    history: list[dict[str, Any]]
+    """The metrics lines of rounds 0..state.round."""
+    elapsed: float
+    """Seconds the run had taken up to this point, over all its sessions."""
+    rng: GlobalRngState
+
+
+def save_checkpoint(run_dir: Path, checkpoint: Checkpoint, config_toml: str) -> Path:
+    """Write `checkpoint` to `run_dir`/checkpoint.safetensors atomically; returns its path."""
+    tensors = _state_tensors(checkpoint.state)
+    rng_tensors, rng_meta = _rng_tensors(checkpoint.rng)
+    tensors.update(rng_tensors)
+    metadata = {
+        "format": FORMAT,
+        "round": str(checkpoint.state.round),
+        "history": json.dumps(checkpoint.history, sort_keys=True),
+        "elapsed": repr(checkpoint.elapsed),
+        "config": config_toml,
+        "rng": json.dumps(rng_meta),
+    }
+    metadata["digest"] = _digest(tensors, metadata)
+    target = run_dir / CHECKPOINT_FILE
+    write_atomically(target, save(tensors, metadata=metadata))
+    return target
+
+
+def load_checkpoint(run_dir: Path, config_toml: str, device: torch.device) -> Checkpoint:
+    """The checkpoint in `run_dir`, its tensors on `device`. A missing, damaged or foreign file, or
+    a config.toml that no longer matches it, raises `CheckpointError` saying what to do."""
+    path = run_dir / CHECKPOINT_FILE
+    if not path.is_file():
+        raise CheckpointError(
+            f"{run_dir} has no {CHECKPOINT_FILE}: the run stopped before its first checkpoint was written. "
+            f"Start it again with: koala run {run_dir / CONFIG_FILE} --out NEW_DIR"
+        )
+    tensors, metadata = _read(path)
+    if metadata.get("config") != config_toml:
+        raise CheckpointError(
+            f"{run_dir / CONFIG_FILE} differs from the config {path} was written with: a resumed run must "
+            "keep its config. Undo the edit, or start a new run with the new config (--out NEW_DIR)"
+        )
+    try:
+        state = _server_state(int(metadata["round"]), tensors, device)
+        rng = _rng_state(tensors, json.loads(metadata["rng"]))
+        history = json.loads(metadata["history"])
+        elapsed = float(metadata["elapsed"])
+    except (KeyError, ValueError, TypeError) as exc:
+        raise _damaged(path, f"its contents are incomplete ({exc!r})") from None
+    return Checkpoint(state, history, elapsed, rng)
+
+
+def _read(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """Every tensor and the metadata of a checkpoint file, after checking its format and digest."""
+    try:
+        with safe_open(str(path), framework="pt", device="cpu") as handle:
+            metadata = handle.metadata() or {}
+            tensors = {name: handle.get_tensor(name) for name in handle.keys()}
+    except (SafetensorError, OSError, ValueError, RuntimeError) as exc:
+        raise _damaged(path, f"it cannot be read as safetensors ({exc})") from None
+    if metadata.get("format") != FORMAT:
+        raise _damaged(path, f"it is not a koala-fl checkpoint (format {metadata.get('format')!r}, expected {FORMAT!r})")
+    expected = metadata.pop("digest", None)
+    if expected != _digest(tensors, metadata):
+        raise _damaged(path, "its digest does not match its contents")
+    return tensors, metadata
+
+
+def _damaged(path: Path, why: str) -> CheckpointError:
+    return CheckpointError(
+        f"checkpoint {path} is damaged: {why}. It is left as it is and nothing was resumed; restore the file "
+        "from a backup, or start the run again with its config.toml and a new --out"
+    )
+
+
+def _digest(tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> str:
+    """BLAKE2b over the metadata and every tensor's name, dtype, shape and bytes, in name order."""
+    digest = hashlib.blake2b(json.dumps(metadata, sort_keys=True).encode(), digest_size=32)
+    for name in sorted(tensors):
+        tensor = tensors[name].detach().cpu().contiguous().reshape(-1)
+        digest.update(f"{name}|{tensors[name].dtype}|{tuple(tensors[name].shape)}".encode())
+        digest.update(tensor.view(torch.uint8).numpy())
+    return digest.hexdigest()
+
+
+def _state_tensors(state: ServerState) -> dict[str, torch.Tensor]:
+    tensors = {} if state.large is None else {_LARGE + name: t for name, t in state.large.items()}
+    for arch, weights in state.small.items():
+        tensors.update({f"{_SMALL}{arch}/{name}": t for name, t in weights.items()})
+    return {name: t.detach().cpu().contiguous() for name, t in tensors.items()}
+
+
+def _server_state(round_number: int, tensors: dict[str, torch.Tensor], device: torch.device) -> ServerState:
+    large: dict[str, torch.Tensor] = {}
+    small: dict[str, dict[str, torch.Tensor]] = {}
+    for name, tensor in tensors.items():
+        if name.startswith(_LARGE):
+            large[name.removeprefix(_LARGE)] = tensor.to(device)
+        elif name.startswith(_SMALL):
+            arch, _, key = name.removeprefix(_SMALL).partition("/")
+            small.setdefault(arch, {})[key] = tensor.to(device)
+    return ServerState(round_number, large or None, small)
+
+
+def _rng_tensors(rng: GlobalRngState) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """The generators' states as tensors (the long arrays) and JSON (the scalars)."""
+    np_kind, np_keys, np_pos, np_has_gauss, np_gauss = rng.numpy
+    py_version, py_words, py_gauss = rng.python
+    tensors = {
+        _RNG + "torch-cpu": rng.torch_cpu,
+        _RNG + "numpy-keys": torch.from_numpy(np.asarray(np_keys, dtype=np.int64)),
+        _RNG + "python-words": torch.tensor(py_words, dtype=torch.int64),
+    }
+    tensors.update({f"{_RNG}torch-cuda/{i}": state for i, state in enumerate(rng.torch_cuda)})
+    meta = {"numpy": [np_kind, int(np_pos), int(np_has_gauss), float(np_gauss)], "python": [py_version, py_gauss],
+            "cuda-devices": len(rng.torch_cuda)}
+    return tensors, meta
+
+
+def _rng_state(tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> GlobalRngState:
+    np_kind, np_pos, np_has_gauss, np_gauss = meta["numpy"]
+    py_version, py_gauss = meta["python"]
+    return GlobalRngState(
+        torch_cpu=tensors[_RNG + "torch-cpu"],
+        torch_cuda=[tensors[f"{_RNG}torch-cuda/{i}"] for i in range(meta["cuda-devices"])],
+        numpy=(np_kind, tensors[_RNG + "numpy-keys"].numpy().astype(np.uint32), np_pos, np_has_gauss, np_gauss),
+        python=(py_version, tuple(tensors[_RNG + "python-words"].tolist()), py_gauss),
+    )

@@ -1,0 +1,219 @@
+"""Checkpoints and resume: a killed run continues bit-identically; damaged checkpoints are refused."""
+
+import json
+import random
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from koala.algorithms import ServerState
+from koala.checkpoint import CHECKPOINT_FILE, Checkpoint, load_checkpoint, save_checkpoint
+from koala.cli import main
+from koala.config import config_to_toml, load_config
+from koala.engine.local import local_dispatch, run_local
+from koala.engine.rounds import run_experiment
+from koala.errors import CheckpointError
+from koala.experiment import prepare_experiment
+from koala.run_dir import CONFIG_FILE, METRICS_FILE, RESOURCES_FILE, STATUS_FILE, SUMMARY_FILE, read_metrics, without_times
+from koala.seeding import GlobalRngState
+
+QUICKSTART = Path(__file__).parent.parent / "configs" / "quickstart.toml"
+DIGITS = ["data.dataset='digits'", "data.train-limit=0", "data.test-limit=0", "data.min-client-size=20",
+          "client.lr=0.05", "threads=1"]
+# Heterogeneous, with MobileNetV2 (it has dropout layers) and a ResNet-18 server model: every part of
+# the server state and every random stream is exercised, and a round lasts about 2 s.
+KILLED_RUN = DIGITS + ["data.num-clients=4", "models.large='resnet18-ds'", "models.small=['lenet','mobilenetv2']",
+                       "rounds=4", "client.dropout-probability=0.2"]
+SMALL_RUN = DIGITS + ["data.num-clients=4", "models.large='lenet'", "models.small=['lenet']", "rounds=3"]
+
+
+def _quiet(_: str) -> None:
+    pass
+
+
+def _status(run: Path) -> dict:
+    return json.loads((run / STATUS_FILE).read_text())
+
+
+def _without_wall_time(summary: dict) -> dict:
+    return {k: v for k, v in summary.items() if k != "wall-time"}
+
+
+def _wait_for_lines(path: Path, count: int, process: subprocess.Popen, timeout: float = 240) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if path.is_file() and len(path.read_text().splitlines()) >= count:
+            return
+        assert process.poll() is None, process.stderr.read() if process.stderr else "the run ended early"
+        time.sleep(0.05)
+    raise AssertionError(f"{path} did not reach {count} lines in {timeout} s")
+
+
+@pytest.mark.integration
+def test_a_run_killed_mid_round_resumes_bit_identically(tmp_path: Path) -> None:
+    config = load_config(QUICKSTART, KILLED_RUN)
+    experiment_file = tmp_path / "experiment.toml"
+    experiment_file.write_text(config_to_toml(config))
+    reference = run_local(config, tmp_path / "reference", echo=_quiet)
+
+    run = tmp_path / "killed"
+    command = [sys.executable, "-m", "koala.cli", "run"]
+    process = subprocess.Popen([*command, str(experiment_file), "--out", str(run)],
+                               stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    _wait_for_lines(run / METRICS_FILE, 2, process)  # rounds 0 and 1 are done: round 2 is under way
+    process.send_signal(signal.SIGKILL)
+    process.wait(timeout=30)
+    assert process.returncode == -signal.SIGKILL
+    assert not (run / SUMMARY_FILE).exists() and _status(run)["status"] == "running"
+    assert 2 <= len(read_metrics(run)) <= config.rounds
+
+    resumed = subprocess.run([*command, "--resume", str(run)], capture_output=True, text=True, timeout=300)
+    assert resumed.returncode == 0, resumed.stderr
+    assert f"resuming {run} after round" in resumed.stdout
+    assert without_times(read_metrics(run)) == without_times(reference.metrics)
+    assert any("unreachable" in f["reason"] for line in reference.metrics for f in line.get("failed", []))
+    summary = json.loads((run / SUMMARY_FILE).read_text())
+    assert _without_wall_time(summary) == _without_wall_time(reference.summary)
+    assert (run / RESOURCES_FILE).read_text() == (reference.run_dir / RESOURCES_FILE).read_text()
+    assert _status(run) == {"status": "complete", "rounds": config.rounds}
+    assert not list(run.glob("*.tmp"))
+
+
+def test_an_interrupted_run_is_marked_failed_and_resumes_without_stale_lines(tmp_path: Path) -> None:
+    config = load_config(QUICKSTART, SMALL_RUN)
+    reference = run_local(config, tmp_path / "reference", echo=_quiet)
+    experiment = prepare_experiment(config)
+    clients = local_dispatch(experiment)
+
+    def interrupted_in_round_3(state, sampled, round_number):
+        if round_number == 3:
+            raise KeyboardInterrupt
+        return clients(state, sampled, round_number)
+
+    run = tmp_path / "run"
+    with pytest.raises(KeyboardInterrupt):
+        run_experiment(experiment, interrupted_in_round_3, run, echo=_quiet)
+    status = _status(run)
+    assert status["status"] == "failed" and status["error"].startswith("KeyboardInterrupt")
+    assert status["resume"] == f"koala run --resume {run}"
+    # A line appended after the last checkpoint (a kill between the two writes) must not survive.
+    with (run / METRICS_FILE).open("a") as handle:
+        handle.write('{"round": 3, "half-written": true}\n')
+    printed: list[str] = []
+    run_local(config, run, echo=printed.append, resume=True)
+    assert f"resuming {run} after round 2 of 3" in printed
+    assert without_times(read_metrics(run)) == without_times(reference.metrics)
+    assert _status(run)["status"] == "complete"
+
+
+def test_checkpoint_round_trips_the_state_the_history_and_every_generator(tmp_path: Path) -> None:
+    generator = torch.Generator().manual_seed(0)
+    state = ServerState(
+        round=7,
+        large={"conv.weight": torch.randn(4, 3, generator=generator), "bn.num_batches_tracked": torch.tensor(12)},
+        small={"shufflenetv2-0.5": {"fc.bias": torch.randn(5, generator=generator)},
+               "lenet": {"fc.weight": torch.randn(2, 2, generator=generator).half()}},
+    )
+    history = [{"round": 0, "train-loss": float("nan"), "eval": {"large": {"accuracy": 0.1}}}]
+    torch.manual_seed(1)
+    np.random.seed(2)
+    random.seed(3)
+    random.gauss(0, 1)  # leaves a cached Gaussian in Python's state
+    rng = GlobalRngState.capture()
+    expected_draws = (torch.rand(3), np.random.rand(3), random.random())
+    save_checkpoint(tmp_path, Checkpoint(state, history, 12.5, rng), "name = 'x'\n")
+    assert not list(tmp_path.glob("*.tmp"))
+
+    torch.manual_seed(99), np.random.seed(99), random.seed(99)
+    loaded = load_checkpoint(tmp_path, "name = 'x'\n", torch.device("cpu"))
+    loaded.rng.restore()
+    assert torch.equal(torch.rand(3), expected_draws[0])
+    assert np.array_equal(np.random.rand(3), expected_draws[1]) and random.random() == expected_draws[2]
+    assert loaded.state.round == 7 and loaded.elapsed == 12.5
+    assert json.dumps(loaded.history, sort_keys=True) == json.dumps(history, sort_keys=True)
+    for original, restored in [(state.large, loaded.state.large), *((state.small[a], loaded.state.small[a]) for a in state.small)]:
+        assert original.keys() == restored.keys()
+        assert all(torch.equal(original[k], restored[k]) and original[k].dtype == restored[k].dtype for k in original)
+
+
+def test_a_run_without_a_large_model_checkpoints_none(tmp_path: Path) -> None:
+    state = ServerState(round=1, large=None, small={"lenet": {"w": torch.ones(2)}})
+    save_checkpoint(tmp_path, Checkpoint(state, [], 0.0, GlobalRngState.capture()), "")
+    assert load_checkpoint(tmp_path, "", torch.device("cpu")).state.large is None
+
+
+@pytest.fixture(scope="module")
+def finished_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    run = tmp_path_factory.mktemp("finished") / "run"
+    run_local(load_config(QUICKSTART, SMALL_RUN + ["rounds=2"]), run, echo=_quiet)
+    return run
+
+
+def _truncate(run: Path) -> None:
+    path = run / CHECKPOINT_FILE
+    path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+
+
+def _flip_a_weight_byte(run: Path) -> None:
+    content = bytearray((run / CHECKPOINT_FILE).read_bytes())
+    content[-100] ^= 0xFF
+    (run / CHECKPOINT_FILE).write_bytes(bytes(content))
+
+
+def _edit_config(run: Path) -> None:
+    config = run / CONFIG_FILE
+    config.write_text(config.read_text().replace("rounds = 2", "rounds = 5"))
+
+
+@pytest.mark.parametrize(
+    ("damage", "message"),
+    [
+        (_truncate, "is damaged: it cannot be read as safetensors"),
+        (_flip_a_weight_byte, "is damaged: its digest does not match its contents"),
+        (lambda run: (run / CHECKPOINT_FILE).write_bytes(b"\x00" * 64), "is damaged: it cannot be read"),
+        (lambda run: (run / CHECKPOINT_FILE).unlink(), "has no checkpoint.safetensors"),
+        (_edit_config, "differs from the config"),
+    ],
+    ids=["truncated", "flipped-byte", "garbage", "missing", "config-edited"],
+)
+def test_a_damaged_checkpoint_is_refused_and_nothing_is_lost(
+    finished_run: Path, tmp_path: Path, damage, message: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    run = tmp_path / "run"
+    shutil.copytree(finished_run, run)
+    damage(run)
+    before = {path.name: path.read_bytes() for path in run.iterdir()}
+    assert main(["run", "--resume", str(run)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("koala: error:") and message in err and "Traceback" not in err
+    assert {path.name: path.read_bytes() for path in run.iterdir()} == before
+
+
+def test_load_checkpoint_refuses_a_foreign_safetensors_file(tmp_path: Path) -> None:
+    from safetensors.torch import save_file
+
+    save_file({"w": torch.ones(2)}, str(tmp_path / CHECKPOINT_FILE), metadata={"format": "something else"})
+    with pytest.raises(CheckpointError, match="it is not a koala-fl checkpoint"):
+        load_checkpoint(tmp_path, "", torch.device("cpu"))
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--resume", "{tmp}/absent"], "no such directory"),
+        (["--resume", "{tmp}"], "is not a koala run directory"),
+        (["{quickstart}", "--resume", "{tmp}"], "give no CONFIG, --set or --out with it"),
+        ([], "needs an experiment file"),
+    ],
+)
+def test_resume_arguments_are_checked(tmp_path: Path, args: list[str], message: str, capsys: pytest.CaptureFixture[str]) -> None:
+    filled = [a.format(tmp=tmp_path, quickstart=QUICKSTART) for a in args]
+    assert main(["run", *filled]) == 2
+    assert message in capsys.readouterr().err
