@@ -217,3 +217,24 @@ def test_resume_arguments_are_checked(tmp_path: Path, args: list[str], message: 
     filled = [a.format(tmp=tmp_path, quickstart=QUICKSTART) for a in args]
     assert main(["run", *filled]) == 2
     assert message in capsys.readouterr().err
+
+
+def test_training_with_dropout_is_a_pure_function_that_leaves_the_global_generator_alone() -> None:
+    # MobileNetV2 has a dropout layer: its randomness comes from the training seed, not from torch's
+    # global generator, so a client's update is the same whatever ran before it in the process.
+    from koala.algorithms import ClientTask, local_train
+    from koala.algorithms.models import initial_state
+
+    experiment = prepare_experiment(load_config(QUICKSTART, DIGITS + ["data.num-clients=4", "models.small=['mobilenetv2']",
+                                                                      "client.batch-size=128"]))
+    weights = initial_state("mobilenetv2", experiment.spec, 0)
+    task, data = ClientTask(0, "mobilenetv2", weights), experiment.split.client_data(0)
+    torch.manual_seed(1)
+    before = torch.get_rng_state()
+    first = local_train(task, data, experiment.config, experiment.spec, seed=5)
+    assert torch.equal(torch.get_rng_state(), before)
+    torch.manual_seed(2)
+    second = local_train(task, data, experiment.config, experiment.spec, seed=5)
+    other_seed = local_train(task, data, experiment.config, experiment.spec, seed=6)
+    assert all(torch.equal(first.state[k], second.state[k]) for k in first.state)
+    assert not all(torch.equal(first.state[k], other_seed.state[k]) for k in first.state)
