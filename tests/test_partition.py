@@ -45,6 +45,14 @@ def test_dirichlet_is_seeded() -> None:
     assert not all(np.array_equal(x, y) for x, y in zip(a, c))
 
 
+def test_dirichlet_with_a_tiny_alpha_redraws_instead_of_dividing_by_zero() -> None:
+    # With alpha = 0.01 a class's whole mass often falls on clients that are already full; such a
+    # draw is redrawn (it used to turn the proportions into NaN and the shards into garbage).
+    with np.errstate(all="raise"):
+        shards = partition_dirichlet(LABELS, 10, 0.01, np.random.default_rng(0), min_size=250)
+    assert _covers_exactly(shards, len(LABELS)) and min(len(s) for s in shards) >= 250
+
+
 def test_dirichlet_impossible_minimum() -> None:
     with pytest.raises(DataError, match="at least 10 examples each"):
         partition_dirichlet(LABELS[:50], 10, 0.5, np.random.default_rng(0), min_size=10)

@@ -37,23 +37,33 @@ def partition_dirichlet(
     classes = np.unique(labels)
     by_class = [np.flatnonzero(labels == c) for c in classes]
     for _ in range(max_tries):
-        shards: list[list[np.ndarray]] = [[] for _ in range(num_clients)]
-        sizes = np.zeros(num_clients, dtype=np.int64)
-        for indices in by_class:
-            indices = rng.permutation(indices)
-            proportions = rng.dirichlet(np.full(num_clients, alpha))
-            proportions = np.where(sizes < num_examples / num_clients, proportions, 0.0)
-            proportions = proportions / proportions.sum()
-            cuts = (np.cumsum(proportions) * len(indices)).astype(np.int64)[:-1]
-            for client, part in enumerate(np.split(indices, cuts)):
-                shards[client].append(part)
-                sizes[client] += len(part)
-        if sizes.min() >= min_size:
-            return [np.sort(np.concatenate(parts)) for parts in shards]
+        shards = _dirichlet_draw(by_class, num_clients, alpha, rng)
+        if shards is not None and min(len(s) for s in shards) >= min_size:
+            return shards
     raise DataError(
         f"Dirichlet(alpha={alpha}) did not give every one of {num_clients} clients {min_size} examples "
         f"in {max_tries} draws: raise data.alpha, lower data.num-clients or data.min-client-size"
     )
+
+
+def _dirichlet_draw(by_class: list[np.ndarray], num_clients: int, alpha: float, rng: np.random.Generator) -> list[np.ndarray] | None:
+    """One draw of `partition_dirichlet`; None when a class's whole mass fell on clients that
+    already hold their fair share (possible with a tiny alpha), which the caller redraws."""
+    fair_share = sum(len(indices) for indices in by_class) / num_clients
+    shards: list[list[np.ndarray]] = [[] for _ in range(num_clients)]
+    sizes = np.zeros(num_clients, dtype=np.int64)
+    for indices in by_class:
+        indices = rng.permutation(indices)
+        proportions = rng.dirichlet(np.full(num_clients, alpha))
+        proportions = np.where(sizes < fair_share, proportions, 0.0)
+        if proportions.sum() <= 0:
+            return None
+        proportions = proportions / proportions.sum()
+        cuts = (np.cumsum(proportions) * len(indices)).astype(np.int64)[:-1]
+        for client, part in enumerate(np.split(indices, cuts)):
+            shards[client].append(part)
+            sizes[client] += len(part)
+    return [np.sort(np.concatenate(parts)) for parts in shards]
 
 
 def partition_k_labels(
