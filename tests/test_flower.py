@@ -28,8 +28,10 @@ from flwr.app import ArrayRecord, ConfigRecord, MetricRecord, RecordDict  # noqa
 from koala.config import load_config  # noqa: E402
 from koala.engine.flower.client_app import _check_partition, node_partition  # noqa: E402
 from koala.engine.flower.messages import read_reply, read_train, reply_content, train_content  # noqa: E402
-from koala.engine.local import run_local  # noqa: E402
+from koala.engine.local import local_dispatch, run_local  # noqa: E402
+from koala.engine.rounds import run_experiment  # noqa: E402
 from koala.errors import ConfigError, UpdateRejected  # noqa: E402
+from koala.experiment import prepare_experiment  # noqa: E402
 from koala.algorithms import ClientTask  # noqa: E402
 from koala.aggregate import ClientUpdate  # noqa: E402
 from koala.run_dir import read_metrics, without_times  # noqa: E402
@@ -275,6 +277,30 @@ def test_flower_simulation_gives_the_local_engine_metrics(tmp_path: Path) -> Non
     # Same seeds, same partitions, same order of aggregation, one thread each: bit-identical.
     assert without_times(simulated.metrics) == without_times(local.metrics)
     assert simulated.summary["engine"] == "flower-sim"
+
+
+def test_flower_simulation_resumes_a_run_from_its_checkpoint(tmp_path: Path) -> None:
+    # Simulated dropout is drawn by the shared run loop, so both engines leave out the same clients.
+    config = load_config(None, ["data.dataset='digits'", "data.num-clients=4", "models.large='lenet'",
+                                "models.small=['lenet']", "data.min-client-size=20", "client.lr=0.05", "rounds=3",
+                                "threads=1", "client.dropout-probability=0.4"])
+    from koala.engine.flower.simulation import run_flower_simulation
+
+    reference = run_local(config, tmp_path / "reference", echo=lambda _: None)
+    experiment = prepare_experiment(config)
+    clients = local_dispatch(experiment)
+
+    def stop_in_round_2(state, sampled, round_number):
+        if round_number == 2:
+            raise KeyboardInterrupt
+        return clients(state, sampled, round_number)
+
+    with pytest.raises(KeyboardInterrupt):
+        run_experiment(experiment, stop_in_round_2, tmp_path / "run", echo=lambda _: None)
+    resumed = run_flower_simulation(config, tmp_path / "run", echo=lambda _: None, resume=True)
+    assert without_times(resumed.metrics) == without_times(reference.metrics)
+    assert any(line.get("failed") for line in reference.metrics)
+    assert resumed.summary["engine"] == "flower-sim"
 
 
 # -- the message codec and the node checks, without processes ------------------------------------

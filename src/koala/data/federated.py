@@ -101,7 +101,7 @@ def make_federated_split(source: DataSource, config: DataConfig, seed: int) -> F
     pool = train.subset(order[num_proxy:])
     if len(pool) < config.num_clients:
         raise DataError(
-            f"{len(pool)} training images remain for {config.num_clients} clients after the proxy set: "
+            f"{len(pool)} training image(s) remain for {config.num_clients} clients after the proxy set: "
             "lower data.num-clients or data.proxy-fraction, or raise data.train-limit"
         )
     proxy = train.subset(order[:num_proxy])

@@ -1,0 +1,152 @@
+"""Bad configuration and data: one clear message naming the problem and the fix, nothing half-written.
+
+Every case here is a row of the README's table of errors; a test checks that the table keeps up.
+"""
+
+import re
+import shutil
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from koala.cli import main
+from koala.config import config_to_toml, load_config
+
+ROOT = Path(__file__).parent.parent
+QUICKSTART = ROOT / "configs" / "quickstart.toml"
+FASHION = Path("/usr/share/datasets/fashion-mnist")
+DIGITS = ["--set", "data.dataset='digits'", "--set", "data.train-limit=0", "--set", "data.test-limit=0",
+          "--set", "data.num-clients=4"]
+
+
+def _set(*assignments: str) -> list[str]:
+    return [token for assignment in assignments for token in ("--set", assignment)]
+
+
+def _truncated_fashion_mnist(tmp: Path) -> list[str]:
+    if not FASHION.is_dir():
+        pytest.skip("Fashion-MNIST is not installed (apt-get install dataset-fashion-mnist)")
+    data = tmp / "fashion"
+    shutil.copytree(FASHION, data)
+    images = data / "train-images-idx3-ubyte.gz"
+    images.write_bytes(images.read_bytes()[:200_000])
+    return [str(QUICKSTART), *_set(f"data.dir='{data}'")]
+
+
+def _weights_of_another_model(tmp: Path) -> list[str]:
+    weights = tmp / "lenet.safetensors"
+    save_file({"features.0.weight": torch.zeros(16, 1, 3, 3)}, str(weights))
+    return [str(QUICKSTART), *_set("large-init.kind='file'", f"large-init.path='{weights}'")]
+
+
+def _invalid_toml(tmp: Path) -> list[str]:
+    config = tmp / "broken.toml"
+    config.write_text("rounds = 3\n[data\nalpha = 0.5\n")
+    return [str(config)]
+
+
+def _not_a_run(tmp: Path) -> list[str]:
+    (tmp / "notes").mkdir()
+    (tmp / "notes" / "todo.txt").write_text("not a run\n")
+    return ["--resume", str(tmp / "notes")]
+
+
+def _garbage_checkpoint(tmp: Path) -> list[str]:
+    run = tmp / "run"
+    run.mkdir()
+    (run / "config.toml").write_text(config_to_toml(load_config(None, DIGITS[1::2])))
+    (run / "metrics.jsonl").write_text("")
+    (run / "checkpoint.safetensors").write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{not json}      ")
+    return ["--resume", str(run)]
+
+
+def _occupied_out(tmp: Path) -> list[str]:
+    (tmp / "out").mkdir()
+    (tmp / "out" / "results.csv").write_text("precious\n")
+    return [str(QUICKSTART), *DIGITS, "--out", str(tmp / "out")]
+
+
+Case = tuple[list[str] | Callable[[Path], list[str]], str]
+CASES: dict[str, Case] = {
+    "unknown key": ([str(QUICKSTART), *_set("data.alpah=0.1")], "data.alpah: unknown key. Did you mean 'alpha'?"),
+    "wrong type": ([str(QUICKSTART), *_set("rounds='ten'")], "rounds: Input should be a valid integer (got 'ten')"),
+    "out of range": ([str(QUICKSTART), *_set("client.participation=1.5")],
+                     "client.participation: Input should be less than or equal to 1 (got 1.5)"),
+    "unknown model": ([str(QUICKSTART), *_set("models.large='resnet-18'")],
+                      "unknown model 'resnet-18'. Did you mean 'resnet18'? Known models: lenet,"),
+    "unknown dataset": ([str(QUICKSTART), *_set("data.dataset='mnist'")],
+                        "data.dataset: Input should be 'fashion-mnist', 'cifar10', 'cifar100', 'digits' or 'synthetic'"),
+    "unknown fusion rule": ([str(QUICKSTART), *_set("distill.fusion='vote'")],
+                            "distill.fusion: unknown fusion rule 'vote'; known rules: sample-share, uniform"),
+    "missing data directory": ([str(QUICKSTART), *_set("data.dir='/nonexistent/fmnist'")],
+                               "apt-get install -y dataset-fashion-mnist"),
+    "truncated IDX file": (_truncated_fashion_mnist, "train-images-idx3-ubyte.gz is truncated or corrupt"),
+    "proxy set leaves clients no data": ([str(QUICKSTART), *DIGITS, *_set("data.proxy-fraction=0.999")],
+                                         "1 training image(s) remain for 4 clients after the proxy set"),
+    "more clients than samples": ([str(QUICKSTART), *DIGITS, *_set("data.num-clients=2000")],
+                                  "1293 training image(s) remain for 2000 clients"),
+    "client minimum impossible": ([str(QUICKSTART), *DIGITS, *_set("data.min-client-size=500")],
+                                  "cannot give 4 clients at least 500 examples each"),
+    "labelled set larger than proxy set": ([str(QUICKSTART), *DIGITS, *_set("data.proxy-labelled=5000")],
+                                           "data.proxy-labelled = 5000 but the proxy set holds only 144 images"),
+    "pretraining without labels": ([str(QUICKSTART), *_set("large-init.kind='pretrain'")],
+                                   "large-init.kind = 'pretrain' needs a labelled server set"),
+    "min-replies above the sample": ([str(QUICKSTART), *_set("client.min-replies=20")],
+                                     "client.min-replies = 20 but a round samples only 10 client(s)"),
+    "shares do not match models": ([str(QUICKSTART), *_set("models.small-shares=[0.5,0.5]")],
+                                   "models.small-shares has 2 entries but models.small has 1"),
+    "missing weights file": ([str(QUICKSTART), *_set("large-init.kind='file'", "large-init.path='/nonexistent.safetensors'")],
+                             "weights file /nonexistent.safetensors does not exist (large-init.path)"),
+    "weights of another model": (_weights_of_another_model, "does not fit resnet18-ds: missing"),
+    "missing config file": (["missing.toml"], "config file missing.toml does not exist"),
+    "invalid TOML": (_invalid_toml, "is not valid TOML"),
+    "malformed --set": ([str(QUICKSTART), "--set", "rounds"], "--set 'rounds': expected key=value"),
+    "resume directory that is not a run": (_not_a_run, "is not a koala run directory"),
+    "damaged checkpoint": (_garbage_checkpoint, "is damaged: it cannot be read as safetensors"),
+    "occupied output directory": (_occupied_out, "already exists and is not empty; choose another --out"),
+}
+
+
+def _snapshot(root: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_bad_input_gives_one_clear_message_and_writes_nothing(case: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    args, message = CASES[case]
+    inputs = tmp_path / "inputs"
+    inputs.mkdir()
+    arguments = args(inputs) if callable(args) else list(args)
+    out = tmp_path / "out"
+    if "--resume" not in arguments and "--out" not in arguments:
+        arguments += ["--out", str(out)]
+    before = _snapshot(tmp_path)
+    assert main(["run", *arguments]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("koala: error:") and message in err, err
+    assert "Traceback" not in err
+    assert _snapshot(tmp_path) == before  # no run directory, and every input as it was
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has a GPU")
+def test_cuda_without_a_gpu_is_refused(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["run", str(QUICKSTART), *DIGITS, *_set("device='cuda'"), "--out", str(tmp_path / "out")]) == 2
+    assert "device = 'cuda' but torch sees no GPU here; set device = 'cpu'" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
+
+
+def test_the_readme_lists_every_bad_input_with_its_message() -> None:
+    readme = (ROOT / "README.md").read_text()
+    table = readme[readme.index("### Errors"):]
+    rows = [line for line in table.splitlines() if line.startswith("| ") and not line.startswith("| input")]
+    assert len(rows) >= 15
+    for case, (_, message) in CASES.items():
+        assert any(case in row and _unescape(message) in _unescape(row) for row in rows), f"README lacks {case!r}: {message}"
+
+
+def _unescape(text: str) -> str:
+    """Markdown table text as plain text (escaped pipes, code spans)."""
+    return re.sub(r"\\\|", "|", text).replace("`", "")
