@@ -21,7 +21,16 @@ from koala.engine.local import local_dispatch, run_local
 from koala.engine.rounds import run_experiment
 from koala.errors import CheckpointError
 from koala.experiment import prepare_experiment
-from koala.run_dir import CONFIG_FILE, METRICS_FILE, RESOURCES_FILE, STATUS_FILE, SUMMARY_FILE, read_metrics, without_times
+from koala.run_dir import (
+    CONFIG_FILE,
+    METRICS_FILE,
+    RESOURCES_FILE,
+    STATUS_FILE,
+    SUMMARY_FILE,
+    MetricsPosition,
+    read_metrics,
+    without_times,
+)
 from koala.seeding import GlobalRngState
 
 QUICKSTART = Path(__file__).parent.parent / "configs" / "quickstart.toml"
@@ -113,7 +122,7 @@ def test_an_interrupted_run_is_marked_failed_and_resumes_without_stale_lines(tmp
     assert _status(run)["status"] == "complete"
 
 
-def test_checkpoint_round_trips_the_state_the_history_and_every_generator(tmp_path: Path) -> None:
+def test_checkpoint_round_trips_the_state_the_metrics_position_and_every_generator(tmp_path: Path) -> None:
     generator = torch.Generator().manual_seed(0)
     state = ServerState(
         round=7,
@@ -121,14 +130,14 @@ def test_checkpoint_round_trips_the_state_the_history_and_every_generator(tmp_pa
         small={"shufflenetv2-0.5": {"fc.bias": torch.randn(5, generator=generator)},
                "lenet": {"fc.weight": torch.randn(2, 2, generator=generator).half()}},
     )
-    history = [{"round": 0, "train-loss": float("nan"), "eval": {"large": {"accuracy": 0.1}}}]
+    position = MetricsPosition(1234, "ab" * 32)
     torch.manual_seed(1)
     np.random.seed(2)
     random.seed(3)
     random.gauss(0, 1)  # leaves a cached Gaussian in Python's state
     rng = GlobalRngState.capture()
     expected_draws = (torch.rand(3), np.random.rand(3), random.random())
-    save_checkpoint(tmp_path, Checkpoint(state, history, 12.5, rng), "name = 'x'\n")
+    save_checkpoint(tmp_path, Checkpoint(state, position, 12.5, rng), "name = 'x'\n")
     assert not list(tmp_path.glob("*.tmp"))
 
     torch.manual_seed(99), np.random.seed(99), random.seed(99)
@@ -136,8 +145,7 @@ def test_checkpoint_round_trips_the_state_the_history_and_every_generator(tmp_pa
     loaded.rng.restore()
     assert torch.equal(torch.rand(3), expected_draws[0])
     assert np.array_equal(np.random.rand(3), expected_draws[1]) and random.random() == expected_draws[2]
-    assert loaded.state.round == 7 and loaded.elapsed == 12.5
-    assert json.dumps(loaded.history, sort_keys=True) == json.dumps(history, sort_keys=True)
+    assert loaded.state.round == 7 and loaded.elapsed == 12.5 and loaded.metrics == position
     for original, restored in [(state.large, loaded.state.large), *((state.small[a], loaded.state.small[a]) for a in state.small)]:
         assert original.keys() == restored.keys()
         assert all(torch.equal(original[k], restored[k]) and original[k].dtype == restored[k].dtype for k in original)
@@ -145,7 +153,7 @@ def test_checkpoint_round_trips_the_state_the_history_and_every_generator(tmp_pa
 
 def test_a_run_without_a_large_model_checkpoints_none(tmp_path: Path) -> None:
     state = ServerState(round=1, large=None, small={"lenet": {"w": torch.ones(2)}})
-    save_checkpoint(tmp_path, Checkpoint(state, [], 0.0, GlobalRngState.capture()), "")
+    save_checkpoint(tmp_path, Checkpoint(state, MetricsPosition(0, ""), 0.0, GlobalRngState.capture()), "")
     assert load_checkpoint(tmp_path, "", torch.device("cpu")).state.large is None
 
 
@@ -172,6 +180,11 @@ def _edit_config(run: Path) -> None:
     config.write_text(config.read_text().replace("rounds = 2", "rounds = 5"))
 
 
+def _edit_metrics(run: Path) -> None:
+    metrics = run / METRICS_FILE
+    metrics.write_text(metrics.read_text().replace('"round": 1', '"round": 9'))
+
+
 @pytest.mark.parametrize(
     ("damage", "message"),
     [
@@ -180,8 +193,10 @@ def _edit_config(run: Path) -> None:
         (lambda run: (run / CHECKPOINT_FILE).write_bytes(b"\x00" * 64), "is damaged: it cannot be read"),
         (lambda run: (run / CHECKPOINT_FILE).unlink(), "has no checkpoint.safetensors"),
         (_edit_config, "differs from the config"),
+        (_edit_metrics, "metrics.jsonl differs from what the checkpoint recorded"),
+        (lambda run: (run / METRICS_FILE).write_text(""), "metrics.jsonl differs from what the checkpoint recorded"),
     ],
-    ids=["truncated", "flipped-byte", "garbage", "missing", "config-edited"],
+    ids=["truncated", "flipped-byte", "garbage", "missing", "config-edited", "metrics-edited", "metrics-emptied"],
 )
 def test_a_damaged_checkpoint_is_refused_and_nothing_is_lost(
     finished_run: Path, tmp_path: Path, damage, message: str, capsys: pytest.CaptureFixture[str]

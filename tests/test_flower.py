@@ -25,6 +25,8 @@ from cryptography.hazmat.primitives.asymmetric import ec  # noqa: E402
 from cryptography.x509.oid import NameOID  # noqa: E402
 from flwr.app import ArrayRecord, ConfigRecord, MetricRecord, RecordDict  # noqa: E402
 
+from koala.aggregate import ClientUpdate  # noqa: E402
+from koala.algorithms import ClientTask  # noqa: E402
 from koala.config import load_config  # noqa: E402
 from koala.engine.flower.client_app import _check_partition, node_partition  # noqa: E402
 from koala.engine.flower.messages import read_reply, read_train, reply_content, train_content  # noqa: E402
@@ -32,8 +34,6 @@ from koala.engine.local import local_dispatch, run_local  # noqa: E402
 from koala.engine.rounds import run_experiment  # noqa: E402
 from koala.errors import ConfigError, UpdateRejected  # noqa: E402
 from koala.experiment import prepare_experiment  # noqa: E402
-from koala.algorithms import ClientTask  # noqa: E402
-from koala.aggregate import ClientUpdate  # noqa: E402
 from koala.run_dir import read_metrics, without_times  # noqa: E402
 
 APP = Path(__file__).resolve().parent.parent / "flower-app"

@@ -1,8 +1,9 @@
 """Checkpoints: everything a run needs to continue after round k, in one safetensors file.
 
 The file holds the server state (the large model and the small model of every architecture), the
-global random generators' states, and as metadata the round, the metrics lines so far, the run's
-elapsed time and the config it was written with. It is written atomically (a temporary file,
+global random generators' states, and as metadata the round, how far metrics.jsonl had got (its
+length and digest: the lines themselves stay in that file, so a checkpoint's size does not grow
+with the rounds), the run's elapsed time and the config it was written with. It is written atomically (a temporary file,
 flushed to disk, then renamed over the old one), so a kill at any moment leaves either the previous
 checkpoint or the new one. A digest over every tensor and every metadata field catches a damaged
 file; safetensors never unpickles anything.
@@ -23,7 +24,7 @@ from safetensors.torch import save
 
 from koala.algorithms import ServerState
 from koala.errors import CheckpointError
-from koala.run_dir import CONFIG_FILE, write_atomically
+from koala.run_dir import CONFIG_FILE, MetricsPosition, write_atomically
 from koala.seeding import GlobalRngState
 
 CHECKPOINT_FILE = "checkpoint.safetensors"
@@ -36,8 +37,8 @@ class Checkpoint:
     """A run as it stood after round `state.round`."""
 
     state: ServerState
-    history: list[dict[str, Any]]
-    """The metrics lines of rounds 0..state.round."""
+    metrics: MetricsPosition
+    """metrics.jsonl as it stood with the line of round `state.round` appended."""
     elapsed: float
     """Seconds the run had taken up to this point, over all its sessions."""
     rng: GlobalRngState
@@ -51,7 +52,8 @@ def save_checkpoint(run_dir: Path, checkpoint: Checkpoint, config_toml: str) -> 
     metadata = {
         "format": FORMAT,
         "round": str(checkpoint.state.round),
-        "history": json.dumps(checkpoint.history, sort_keys=True),
+        "metrics-size": str(checkpoint.metrics.size),
+        "metrics-digest": checkpoint.metrics.digest,
         "elapsed": repr(checkpoint.elapsed),
         "config": config_toml,
         "rng": json.dumps(rng_meta),
@@ -80,11 +82,11 @@ def load_checkpoint(run_dir: Path, config_toml: str, device: torch.device) -> Ch
     try:
         state = _server_state(int(metadata["round"]), tensors, device)
         rng = _rng_state(tensors, json.loads(metadata["rng"]))
-        history = json.loads(metadata["history"])
+        metrics = MetricsPosition(int(metadata["metrics-size"]), metadata["metrics-digest"])
         elapsed = float(metadata["elapsed"])
     except (KeyError, ValueError, TypeError) as exc:
         raise _damaged(path, f"its contents are incomplete ({exc!r})") from None
-    return Checkpoint(state, history, elapsed, rng)
+    return Checkpoint(state, metrics, elapsed, rng)
 
 
 def _read(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
@@ -40,12 +42,22 @@ def write_atomically(target: Path, content: bytes) -> None:
         os.close(directory)
 
 
+@dataclass(frozen=True)
+class MetricsPosition:
+    """How far metrics.jsonl had got: its length in bytes and the BLAKE2b digest of those bytes."""
+
+    size: int
+    digest: str
+
+
 class RunDirectory:
     """Writes one run's files: `create` for a new run, `reopen` to resume one."""
 
     def __init__(self, path: Path, started: bool) -> None:
         self.path = path
         self.started = started  # whether the run's files exist: one never started is not marked failed
+        self._metrics_size = 0
+        self._metrics_digest = hashlib.blake2b(digest_size=32)  # of every byte of metrics.jsonl so far
 
     @classmethod
     def create(cls, path: Path) -> RunDirectory:
@@ -74,17 +86,36 @@ class RunDirectory:
         self.started = True
         self.mark("running")
 
-    def config_toml(self) -> str:
-        return (self.path / CONFIG_FILE).read_text()
-
     def append_metrics(self, line: dict[str, Any]) -> None:
-        with (self.path / METRICS_FILE).open("a") as handle:
-            handle.write(json.dumps(line, sort_keys=True) + "\n")
+        """Append one round's line and flush it to disk (a checkpoint written next may count on it)."""
+        text = (json.dumps(line, sort_keys=True) + "\n").encode()
+        with (self.path / METRICS_FILE).open("ab") as handle:
+            handle.write(text)
+            handle.flush()
+            os.fsync(handle.fileno())
+        self._metrics_size += len(text)
+        self._metrics_digest.update(text)
 
-    def rewrite_metrics(self, lines: list[dict[str, Any]]) -> None:
-        """Replace metrics.jsonl by `lines` (a resumed run drops lines written after its checkpoint)."""
-        text = "".join(json.dumps(line, sort_keys=True) + "\n" for line in lines)
-        write_atomically(self.path / METRICS_FILE, text.encode())
+    def metrics_position(self) -> MetricsPosition:
+        """Where metrics.jsonl stands now, for a checkpoint to record."""
+        return MetricsPosition(self._metrics_size, self._metrics_digest.hexdigest())
+
+    def restore_metrics(self, position: MetricsPosition) -> list[dict[str, Any]]:
+        """Cut metrics.jsonl back to `position` (lines written after the checkpoint are dropped) and
+        return its lines; a file that is shorter or differs from what the checkpoint recorded is refused."""
+        path = self.path / METRICS_FILE
+        content = path.read_bytes()
+        kept = content[: position.size]
+        digest = hashlib.blake2b(kept, digest_size=32)
+        if len(content) < position.size or digest.hexdigest() != position.digest:
+            raise CheckpointError(
+                f"cannot resume {self.path}: {METRICS_FILE} differs from what the checkpoint recorded (edited, "
+                "truncated or damaged since). Restore it, or start the run again with its config.toml and a new --out"
+            )
+        if len(content) > position.size:
+            write_atomically(path, kept)
+        self._metrics_size, self._metrics_digest = position.size, digest
+        return [json.loads(line) for line in kept.decode().splitlines()]
 
     def write_json(self, name: str, content: dict[str, Any]) -> Path:
         """Write `content` as indented JSON to the run's file `name`, atomically."""

@@ -26,7 +26,7 @@ from koala.data.dataset import ImageSplit
 from koala.errors import UpdateRejected
 from koala.models import InputSpec, model_entry
 from koala.seeding import derive_seed
-from koala.training import trained_samples, train_supervised
+from koala.training import train_supervised, trained_samples
 
 WorkKind = Literal["train", "inference"]
 

@@ -186,8 +186,8 @@ def run_experiment(
             raise ConfigError("resuming needs the run directory to continue")
         run_dir = RunDirectory.reopen(out_dir)
         progress = load_checkpoint(run_dir.path, config_to_toml(config), experiment.device)
+        history = run_dir.restore_metrics(progress.metrics)
         progress.rng.restore()
-        run_dir.rewrite_metrics(progress.history)
         run_dir.mark("running")
     else:
         run_dir = RunDirectory.create(out_dir or default_run_dir(config))
@@ -198,16 +198,16 @@ def run_experiment(
         if resume:
             echo(f"resuming {run_dir.path} after round {progress.state.round} of {config.rounds}")
         else:
-            progress = _start_run(experiment, run_dir)
-            echo(format_progress(progress.history[0], config.rounds))
-        return _run_rounds(experiment, dispatch, run_dir, progress, description, session_start, echo)
+            progress, history = _start_run(experiment, run_dir)
+            echo(format_progress(history[0], config.rounds))
+        return _run_rounds(experiment, dispatch, run_dir, progress, history, description, session_start, echo)
     except BaseException as exc:  # including Ctrl-C: a started run is marked failed, then the error goes on
         if run_dir.started:
             run_dir.mark("failed", error=f"{type(exc).__name__}: {exc}", resume=f"koala run --resume {run_dir.path}")
         raise
 
 
-def _start_run(experiment: Experiment, run_dir: RunDirectory) -> Checkpoint:
+def _start_run(experiment: Experiment, run_dir: RunDirectory) -> tuple[Checkpoint, list[dict[str, Any]]]:
     """The server's starting state (any pretraining included), written as round 0 of the run directory."""
     start_metrics = RoundMetrics()
     with start_metrics.timed("start"):
@@ -219,20 +219,20 @@ def _start_run(experiment: Experiment, run_dir: RunDirectory) -> Checkpoint:
         **start_metrics.values,
         "resources": round_resources(experiment.costs, [], start_metrics.work),
     }
-    progress = Checkpoint(state, [first_line], start_metrics.values["time-start"], GlobalRngState.capture())
-    save_checkpoint(run_dir.path, progress, config_to_toml(experiment.config))
     run_dir.append_metrics(first_line)
-    return progress
+    progress = Checkpoint(state, run_dir.metrics_position(), start_metrics.values["time-start"], GlobalRngState.capture())
+    save_checkpoint(run_dir.path, progress, config_to_toml(experiment.config))
+    return progress, [first_line]
 
 
 def _run_rounds(
     experiment: Experiment, dispatch: Dispatch, run_dir: RunDirectory, progress: Checkpoint,
-    description: dict[str, Any], session_start: float, echo: Echo,
+    history: list[dict[str, Any]], description: dict[str, Any], session_start: float, echo: Echo,
 ) -> RunResult:
-    """The rounds after `progress`, each checkpointed before its metrics line is appended, then the
-    run's resources and summary."""
+    """The rounds after `progress` (whose metrics lines are `history`), each checkpointed after its
+    metrics line is on disk, then the run's resources and summary."""
     config, config_toml = experiment.config, config_to_toml(experiment.config)
-    state, history = progress.state, list(progress.history)
+    state, history = progress.state, list(history)
 
     def elapsed() -> float:
         return progress.elapsed + time.perf_counter() - session_start
@@ -240,8 +240,9 @@ def _run_rounds(
     for _ in range(state.round, config.rounds):
         state, line = play_round(experiment, dispatch, state)
         history.append(line)
-        save_checkpoint(run_dir.path, Checkpoint(state, history, elapsed(), GlobalRngState.capture()), config_toml)
         run_dir.append_metrics(line)
+        checkpoint = Checkpoint(state, run_dir.metrics_position(), elapsed(), GlobalRngState.capture())
+        save_checkpoint(run_dir.path, checkpoint, config_toml)
         echo(format_progress(line, config.rounds))
         for problem in format_client_problems(line):
             echo(problem)
