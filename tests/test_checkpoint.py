@@ -122,6 +122,40 @@ def test_an_interrupted_run_is_marked_failed_and_resumes_without_stale_lines(tmp
     assert _status(run)["status"] == "complete"
 
 
+def test_a_crash_between_a_metrics_line_and_its_checkpoint_is_resumed(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # The deterministic version of the worst kill point: round 2's line is on disk, its checkpoint is not.
+    import koala.engine.rounds as rounds
+
+    config = load_config(QUICKSTART, SMALL_RUN)
+    reference = run_local(config, tmp_path / "reference", echo=_quiet)
+    real_save = rounds.save_checkpoint
+
+    def save_fails_in_round_2(run_dir, checkpoint, config_toml):
+        if checkpoint.state.round == 2:
+            raise OSError(28, "No space left on device")
+        return real_save(run_dir, checkpoint, config_toml)
+
+    monkeypatch.setattr(rounds, "save_checkpoint", save_fails_in_round_2)
+    run = tmp_path / "run"
+    with pytest.raises(OSError, match="No space left"):
+        run_local(config, run, echo=_quiet)
+    assert [line["round"] for line in read_metrics(run)] == [0, 1, 2]
+    assert _status(run)["status"] == "failed" and "No space left on device" in _status(run)["error"]
+    monkeypatch.setattr(rounds, "save_checkpoint", real_save)
+    run_local(config, run, echo=_quiet, resume=True)
+    assert without_times(read_metrics(run)) == without_times(reference.metrics)
+
+
+def test_resuming_a_finished_run_changes_no_metrics(finished_run: Path, tmp_path: Path) -> None:
+    run = tmp_path / "run"
+    shutil.copytree(finished_run, run)
+    before = (run / METRICS_FILE).read_bytes()
+    printed: list[str] = []
+    run_local(load_config(run / CONFIG_FILE), run, echo=printed.append, resume=True)
+    assert (run / METRICS_FILE).read_bytes() == before
+    assert f"resuming {run} after round 2 of 2" in printed
+
+
 def test_checkpoint_round_trips_the_state_the_metrics_position_and_every_generator(tmp_path: Path) -> None:
     generator = torch.Generator().manual_seed(0)
     state = ServerState(
@@ -145,7 +179,7 @@ def test_checkpoint_round_trips_the_state_the_metrics_position_and_every_generat
     loaded.rng.restore()
     assert torch.equal(torch.rand(3), expected_draws[0])
     assert np.array_equal(np.random.rand(3), expected_draws[1]) and random.random() == expected_draws[2]
-    assert loaded.state.round == 7 and loaded.elapsed == 12.5 and loaded.metrics == position
+    assert loaded.state.round == 7 and loaded.elapsed == 12.5 and loaded.metrics_position == position
     for original, restored in [(state.large, loaded.state.large), *((state.small[a], loaded.state.small[a]) for a in state.small)]:
         assert original.keys() == restored.keys()
         assert all(torch.equal(original[k], restored[k]) and original[k].dtype == restored[k].dtype for k in original)

@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from koala.aggregate import ClientUpdate, StateDict, clip_update, update_distance
-from koala.algorithms import RoundMetrics, ServerState, local_train
+from koala.algorithms import ClientTask, RoundMetrics, ServerState, local_train
 from koala.config import load_config
 from koala.engine.local import local_dispatch
 from koala.engine.rounds import Replies, complete_round, run_experiment
@@ -80,6 +80,38 @@ def test_a_client_that_raises_is_recorded_and_the_round_goes_on(tmp_path: Path) 
     assert accuracy[-1] > accuracy[0] + 0.2, accuracy  # the three healthy clients still learn
 
 
+@pytest.mark.parametrize(
+    ("metrics", "message"),
+    [
+        ({}, "trained-samples = None"),
+        ({"train-loss": 0.5}, "trained-samples = None"),
+        ({"train-loss": 0.5, "trained-samples": float("inf")}, "trained-samples = inf"),
+        ({"train-loss": 0.5, "trained-samples": 2.5}, "trained-samples = 2.5"),
+        ({"train-loss": 0.5, "trained-samples": -1}, "trained-samples = -1"),
+        ({"train-loss": "low", "trained-samples": 3}, "train-loss = 'low'"),
+        ({"train-loss": 0.5, "trained-samples": 3, "accuracy": [1.0, 2.0]}, "non-numeric metrics ['accuracy']"),
+    ],
+)
+def test_a_reply_with_bad_metrics_is_recorded_as_failed(metrics: dict, message: str) -> None:
+    task = ClientTask(2, "lenet", {"w": torch.zeros(2)})
+    replies = Replies()
+    replies.received(task, ClientUpdate(2, "lenet", {"w": torch.ones(2)}, 10, metrics))
+    assert replies.updates == [] and len(replies.failures) == 1
+    assert message in replies.failures[0]["reason"]
+    assert [(e.client_id, e.bytes_up) for e in replies.exchanges] == [(2, 0)]
+
+
+def test_a_local_client_with_bad_metrics_fails_and_the_run_goes_on(tmp_path: Path) -> None:
+    def no_metrics(task, data, config, spec, seed):
+        update = local_train(task, data, config, spec, seed)
+        return replace(update, metrics={}) if task.client_id == 0 else update
+
+    experiment = _experiment("data.num-clients=4", "rounds=1")
+    metrics, _ = _run(tmp_path, experiment, local_dispatch(experiment, no_metrics))
+    assert metrics[1]["failed"] == [{"client": 0, "reason": "client 0 reported trained-samples = None; expected a whole number >= 0"}]
+    assert metrics[1]["accepted"] == 3
+
+
 def test_too_few_replies_skip_the_round_and_leave_the_server_unchanged(tmp_path: Path) -> None:
     experiment = _experiment("data.num-clients=4", "client.min-replies=3")
     metrics, printed = _run(tmp_path, experiment, local_dispatch(experiment, _failing({0, 2})))
@@ -136,7 +168,7 @@ INVALID = {
     "negative-examples": (lambda u: replace(u, num_examples=-5), "reported -5 examples"),
     "fractional-examples": (lambda u: replace(u, num_examples=2.5), "reported 2.5 examples"),
     "boolean-examples": (lambda u: replace(u, num_examples=True), "reported True examples"),
-    "not-sampled": (lambda u: replace(u, client_id=3), "client 3 was not sampled this round"),
+    "not-sampled": (lambda u: replace(u, client_id=3), "client 3 was not asked for an update this round"),
     "second-reply": (lambda u: replace(u, client_id=1), "client 1 replied more than once this round"),
 }
 
@@ -153,9 +185,11 @@ def _assert_same_state(a: ServerState, b: ServerState) -> None:
 def test_an_invalid_update_is_rejected_and_the_server_state_is_as_if_it_never_came(round_inputs, kind: str) -> None:
     experiment, state, (first, second, third) = round_inputs
     corrupt, reason = INVALID[kind]
-    without, _ = complete_round(experiment, state, [0, 1, 2], Replies(updates=[first, second]))
+    without, line_without = complete_round(experiment, state, [0, 1, 2], Replies(updates=[first, second]))
     with_bad, line = complete_round(experiment, state, [0, 1, 2], Replies(updates=[first, second, corrupt(third)]))
     _assert_same_state(with_bad, without)
+    assert {k: v for k, v in line.items() if k in ("examples", "train-loss", "accepted")} == \
+        {k: v for k, v in line_without.items() if k in ("examples", "train-loss", "accepted")}
     assert line["accepted"] == 2 and len(line["rejected"]) == 1
     assert reason in line["rejected"][0]["reason"]
     # and the valid third update does change the result: the comparison above can fail
@@ -191,3 +225,12 @@ def test_updates_above_client_max_update_norm_are_clipped_and_recorded(round_inp
     assert update_distance(accepted[largest], state.small["lenet"]) == pytest.approx(limit, rel=1e-5)
     for i in set(range(3)) - {largest}:
         assert accepted[i] is updates[i]
+
+
+def test_a_run_with_client_max_update_norm_records_and_prints_the_clipped_updates(tmp_path: Path) -> None:
+    experiment = _experiment("data.num-clients=4", "rounds=1", "client.max-update-norm=0.01")
+    metrics, printed = _run(tmp_path, experiment)
+    clipped = metrics[1]["clipped"]
+    assert [entry["client"] for entry in clipped] == [0, 1, 2, 3] and all(e["norm"] > 0.01 for e in clipped)
+    assert any(text.startswith("  client 0 clipped: update norm") for text in printed)
+    assert "clipped 4" in printed[2]

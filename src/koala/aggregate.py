@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from collections import defaultdict
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -47,13 +48,31 @@ def validate_update(update: ClientUpdate, expected_architecture: str, reference:
             raise UpdateRejected(f"{who}: tensor {name!r} holds NaN or Inf values")
 
 
+def _is_number(value: object) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def validate_metrics(client_id: int, metrics: Mapping[str, object]) -> None:
+    """Raise `UpdateRejected` unless a reply's metrics are numbers, with `trained-samples` a whole
+    number >= 0 and `train-loss` a number (NaN is allowed: a client that trained no batch reports it)."""
+    samples, loss = metrics.get("trained-samples"), metrics.get("train-loss")
+    if not _is_number(samples) or not math.isfinite(samples) or samples < 0 or samples != int(samples):
+        raise UpdateRejected(f"client {client_id} reported trained-samples = {samples!r}; expected a whole number >= 0")
+    if not _is_number(loss):
+        raise UpdateRejected(f"client {client_id} reported train-loss = {loss!r}; expected a number")
+    extra = sorted(k for k, v in metrics.items() if not _is_number(v))
+    if extra:
+        raise UpdateRejected(f"client {client_id} reported non-numeric metrics {extra}")
+
+
 def update_distance(update: ClientUpdate, reference: Mapping[str, torch.Tensor]) -> float:
     """L2 norm of the update's change to `reference`, over every floating-point tensor (weights and
     BatchNorm statistics; integer counters are left out), summed in float64."""
     total = torch.zeros((), dtype=torch.float64)
     for name, ref in reference.items():
         if ref.is_floating_point():
-            total += (update.state[name].to(torch.float64) - ref.to(torch.float64)).square().sum().cpu()
+            sent = update.state[name].to(torch.float64)
+            total += (sent - ref.to(sent.device, torch.float64)).square().sum().cpu()
     return float(total.sqrt())
 
 
@@ -61,10 +80,13 @@ def clip_update(update: ClientUpdate, reference: Mapping[str, torch.Tensor], max
     """The update with its change to `reference` scaled down to L2 norm `max_norm` (the direction is
     kept); integer tensors are left as sent. Call it on validated updates whose norm exceeds `max_norm`."""
     scale = max_norm / update_distance(update, reference)
-    state = {
-        name: (ref + (update.state[name] - ref) * scale).to(ref.dtype) if ref.is_floating_point() else update.state[name]
-        for name, ref in reference.items()
-    }
+    state = {}
+    for name, ref in reference.items():
+        sent = update.state[name]
+        if ref.is_floating_point():
+            ref = ref.to(sent.device)  # the update stays where it arrived (a Flower reply is on the CPU)
+            sent = (ref + (sent - ref) * scale).to(ref.dtype)
+        state[name] = sent
     return ClientUpdate(update.client_id, update.architecture, state, update.num_examples, update.metrics)
 
 

@@ -37,7 +37,7 @@ class Checkpoint:
     """A run as it stood after round `state.round`."""
 
     state: ServerState
-    metrics: MetricsPosition
+    metrics_position: MetricsPosition
     """metrics.jsonl as it stood with the line of round `state.round` appended."""
     elapsed: float
     """Seconds the run had taken up to this point, over all its sessions."""
@@ -52,8 +52,8 @@ def save_checkpoint(run_dir: Path, checkpoint: Checkpoint, config_toml: str) -> 
     metadata = {
         "format": FORMAT,
         "round": str(checkpoint.state.round),
-        "metrics-size": str(checkpoint.metrics.size),
-        "metrics-digest": checkpoint.metrics.digest,
+        "metrics-size": str(checkpoint.metrics_position.size),
+        "metrics-digest": checkpoint.metrics_position.digest,
         "elapsed": repr(checkpoint.elapsed),
         "config": config_toml,
         "rng": json.dumps(rng_meta),

@@ -18,10 +18,9 @@ def _run(args: argparse.Namespace) -> None:
                 "--resume RUN_DIR continues a run with the config in RUN_DIR/config.toml: "
                 "give no CONFIG, --set or --out with it"
             )
-        from koala.run_dir import CONFIG_FILE, RunDirectory
+        from koala.run_dir import read_run_config
 
-        config = load_config(RunDirectory.reopen(args.resume).path / CONFIG_FILE)
-        out, resume = args.resume, True
+        config, out, resume = read_run_config(args.resume), args.resume, True
     elif args.config is None:
         raise ConfigError("koala run needs an experiment file (e.g. configs/quickstart.toml) or --resume RUN_DIR")
     else:

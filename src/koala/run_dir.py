@@ -10,7 +10,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
-from koala.config import ExperimentConfig, config_to_toml
+from koala.config import ExperimentConfig, config_to_toml, load_config
 from koala.errors import CheckpointError, ConfigError
 
 CONFIG_FILE = "config.toml"
@@ -81,9 +81,9 @@ class RunDirectory:
 
     def start(self, config: ExperimentConfig) -> None:
         self.path.mkdir(parents=True, exist_ok=True)
+        self.started = True
         (self.path / CONFIG_FILE).write_text(config_to_toml(config))
         (self.path / METRICS_FILE).write_text("")
-        self.started = True
         self.mark("running")
 
     def append_metrics(self, line: dict[str, Any]) -> None:
@@ -126,6 +126,11 @@ class RunDirectory:
     def mark(self, status: RunStatus, **details: Any) -> None:
         """Record in status.json whether the run is running, complete or failed (with why)."""
         self.write_json(STATUS_FILE, {"status": status, **details})
+
+
+def read_run_config(path: Path) -> ExperimentConfig:
+    """The config of the run in `path`, to resume it; anything that is not a run is refused."""
+    return load_config(RunDirectory.reopen(path).path / CONFIG_FILE)
 
 
 def read_metrics(run_dir: Path) -> list[dict[str, Any]]:

@@ -37,13 +37,18 @@ def numpy_generator(root: int, *names: str | int) -> np.random.Generator:
 
 @contextmanager
 def seeded_torch(root: int, *names: str | int, device: torch.device | None = None) -> Iterator[None]:
-    """Run a block (model construction, training with dropout) under the named stream, restoring
-    torch's global generators afterwards: the CPU one, and `device`'s when it is a GPU."""
-    devices = []
+    """Run a block (model construction, training with dropout) under the named stream: torch's CPU
+    generator, and `device`'s when it is a GPU, are seeded for the block and restored after it;
+    no other generator is touched."""
+    seed = derive_seed(root, *names)
+    gpu = None
     if device is not None and device.type == "cuda":
-        devices = [device.index if device.index is not None else torch.cuda.current_device()]
-    with torch.random.fork_rng(devices=devices):
-        torch.manual_seed(derive_seed(root, *names))
+        gpu = device.index if device.index is not None else torch.cuda.current_device()
+    with torch.random.fork_rng(devices=[] if gpu is None else [gpu]):
+        torch.random.default_generator.manual_seed(seed)
+        if gpu is not None:
+            with torch.cuda.device(gpu):
+                torch.cuda.manual_seed(seed)
         yield
 
 
@@ -58,12 +63,15 @@ class GlobalRngState:
 
     @classmethod
     def capture(cls) -> GlobalRngState:
-        cuda = torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []
+        """The generators' states now; GPU generators only where this process has started CUDA."""
+        cuda = torch.cuda.get_rng_state_all() if torch.cuda.is_initialized() else []
         return cls(torch.get_rng_state(), list(cuda), np.random.get_state(), random.getstate())
 
     def restore(self) -> None:
+        """Set every generator back to this state (GPU ones for the GPUs this machine has)."""
         torch.set_rng_state(self.torch_cpu)
         if self.torch_cuda and torch.cuda.is_available():
-            torch.cuda.set_rng_state_all(self.torch_cuda)
+            for index, state in enumerate(self.torch_cuda[: torch.cuda.device_count()]):
+                torch.cuda.set_rng_state(state, index)
         np.random.set_state(self.numpy)
         random.setstate(self.python)

@@ -114,16 +114,16 @@ class Algorithm(ABC):
     def accept_updates(
         self, state: ServerState, clients: Collection[int], updates: Sequence[ClientUpdate], metrics: RoundMetrics
     ) -> list[ClientUpdate]:
-        """The updates of the round's sampled `clients` that pass validation, each clipped to
-        `client.max-update-norm` when that is set. A rejected update is recorded with its reason and
-        left out, so the round goes on exactly as if that client had not replied."""
+        """The updates that pass validation, each clipped to `client.max-update-norm` when that is set.
+        `clients` are the ones asked this round that did not drop out or fail. A rejected update is
+        recorded with its reason and left out, so the round goes on as if that client had not replied."""
         accepted: list[ClientUpdate] = []
         replied: set[int] = set()
         max_norm = self.config.client.max_update_norm
         for update in updates:
             try:
                 if update.client_id not in clients:
-                    raise UpdateRejected(f"client {update.client_id!r} was not sampled this round")
+                    raise UpdateRejected(f"client {update.client_id!r} was not asked for an update this round")
                 if update.client_id in replied:
                     raise UpdateRejected(f"client {update.client_id} replied more than once this round")
                 replied.add(update.client_id)

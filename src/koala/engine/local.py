@@ -16,7 +16,8 @@ from koala.models import InputSpec
 from koala.seeding import derive_seed
 
 ClientStep = Callable[[ClientTask, ImageSplit, ExperimentConfig, InputSpec, int], ClientUpdate]
-"""What a client does with its task: `local_train`, or a stand-in for a device (e.g. one that fails)."""
+"""What a client does with its task: `local_train`, or a stand-in for a device (e.g. one that fails).
+It must not modify the task's tensors in place: in this engine they are the server's own."""
 
 
 def local_dispatch(experiment: Experiment, client_step: ClientStep = local_train) -> Dispatch:

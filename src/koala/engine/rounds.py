@@ -11,11 +11,11 @@ from pathlib import Path
 from typing import Any
 
 from koala.accounting import ClientExchange, payload_bytes, resources_summary, round_resources
-from koala.aggregate import ClientUpdate
+from koala.aggregate import ClientUpdate, validate_metrics
 from koala.algorithms import ClientTask, RoundMetrics, ServerState
 from koala.checkpoint import CHECKPOINT_FILE, Checkpoint, load_checkpoint, save_checkpoint
 from koala.config import config_to_toml
-from koala.errors import ConfigError
+from koala.errors import ConfigError, UpdateRejected
 from koala.experiment import Experiment, sample_clients, unreachable_clients
 from koala.run_dir import CONFIG_FILE, METRICS_FILE, RESOURCES_FILE, SUMMARY_FILE, RunDirectory, default_run_dir
 from koala.seeding import GlobalRngState
@@ -32,7 +32,13 @@ class Replies:
     failures: list[dict[str, Any]] = field(default_factory=list)
 
     def received(self, task: ClientTask, update: ClientUpdate) -> None:
-        """Record a client's update, and the bytes and training its exchange cost."""
+        """Record a client's update, and the bytes and training its exchange cost; a reply whose
+        metrics are not what a client reports is recorded as a failure instead."""
+        try:
+            validate_metrics(task.client_id, update.metrics)
+        except UpdateRejected as exc:
+            self.fail(task.client_id, str(exc), sent=task)
+            return
         self.updates.append(update)
         self.exchanges.append(ClientExchange(
             task.client_id, task.architecture, payload_bytes(task.state), payload_bytes(update.state),
@@ -64,7 +70,8 @@ def complete_round(experiment: Experiment, state: ServerState, clients: list[int
     `client.min-replies` leaves the server's models as they were."""
     config, algorithm = experiment.config, experiment.algorithm
     metrics = RoundMetrics()
-    accepted = algorithm.accept_updates(state, clients, replies.updates, metrics)
+    failed = {failure["client"] for failure in replies.failures}
+    accepted = algorithm.accept_updates(state, [c for c in clients if c not in failed], replies.updates, metrics)
     line: dict[str, Any] = {"round": state.round + 1, "clients": len(clients), "accepted": len(accepted)}
     if len(accepted) >= config.client.min_replies:
         with metrics.timed("server"):
@@ -185,29 +192,48 @@ def run_experiment(
         if out_dir is None:
             raise ConfigError("resuming needs the run directory to continue")
         run_dir = RunDirectory.reopen(out_dir)
-        progress = load_checkpoint(run_dir.path, config_to_toml(config), experiment.device)
-        history = run_dir.restore_metrics(progress.metrics)
-        progress.rng.restore()
+        checkpoint = load_checkpoint(run_dir.path, config_to_toml(config), experiment.device)
+        history = run_dir.restore_metrics(checkpoint.metrics_position)
+        checkpoint.rng.restore()
+        earlier_sessions = checkpoint.elapsed
         run_dir.mark("running")
     else:
         run_dir = RunDirectory.create(out_dir or default_run_dir(config))
+        earlier_sessions = 0.0
+
+    def elapsed() -> float:
+        """Seconds the run has taken, over all its sessions."""
+        return earlier_sessions + time.perf_counter() - session_start
+
     description = {**experiment.describe(), "engine": engine}
     echo(f"{description['algorithm']} ({description['mode']}) on {description['dataset']} with the {engine} engine: "
          f"large {description['large']}, small {description['small']}, split {description['split']}")
     try:
         if resume:
-            echo(f"resuming {run_dir.path} after round {progress.state.round} of {config.rounds}")
+            echo(f"resuming {run_dir.path} after round {checkpoint.state.round} of {config.rounds}")
+            state = checkpoint.state
         else:
-            progress, history = _start_run(experiment, run_dir)
+            state, history = _start_run(experiment, run_dir, elapsed)
             echo(format_progress(history[0], config.rounds))
-        return _run_rounds(experiment, dispatch, run_dir, progress, history, description, session_start, echo)
+        return _run_rounds(experiment, dispatch, run_dir, state, history, description, elapsed, echo)
     except BaseException as exc:  # including Ctrl-C: a started run is marked failed, then the error goes on
         if run_dir.started:
-            run_dir.mark("failed", error=f"{type(exc).__name__}: {exc}", resume=f"koala run --resume {run_dir.path}")
+            _mark_failed(run_dir, exc)
         raise
 
 
-def _start_run(experiment: Experiment, run_dir: RunDirectory) -> tuple[Checkpoint, list[dict[str, Any]]]:
+def _mark_failed(run_dir: RunDirectory, error: BaseException) -> None:
+    """Record in status.json that the run failed, and how to go on; never hides `error` behind its own."""
+    details = {"error": f"{type(error).__name__}: {error}"}
+    if (run_dir.path / CHECKPOINT_FILE).is_file():
+        details["resume"] = f"koala run --resume {run_dir.path}"
+    try:
+        run_dir.mark("failed", **details)
+    except OSError as exc:  # e.g. the disk is full: the original error is the one to report
+        error.add_note(f"(could not mark {run_dir.path} as failed: {exc})")
+
+
+def _start_run(experiment: Experiment, run_dir: RunDirectory, elapsed: Callable[[], float]) -> tuple[ServerState, list[dict[str, Any]]]:
     """The server's starting state (any pretraining included), written as round 0 of the run directory."""
     start_metrics = RoundMetrics()
     with start_metrics.timed("start"):
@@ -219,30 +245,28 @@ def _start_run(experiment: Experiment, run_dir: RunDirectory) -> tuple[Checkpoin
         **start_metrics.values,
         "resources": round_resources(experiment.costs, [], start_metrics.work),
     }
-    run_dir.append_metrics(first_line)
-    progress = Checkpoint(state, run_dir.metrics_position(), start_metrics.values["time-start"], GlobalRngState.capture())
-    save_checkpoint(run_dir.path, progress, config_to_toml(experiment.config))
-    return progress, [first_line]
+    _record_round(experiment, run_dir, state, first_line, elapsed)
+    return state, [first_line]
+
+
+def _record_round(experiment: Experiment, run_dir: RunDirectory, state: ServerState, line: dict[str, Any], elapsed: Callable[[], float]) -> None:
+    """Append the round's metrics line (flushed to disk), then the checkpoint that counts it."""
+    run_dir.append_metrics(line)
+    checkpoint = Checkpoint(state, run_dir.metrics_position(), elapsed(), GlobalRngState.capture())
+    save_checkpoint(run_dir.path, checkpoint, config_to_toml(experiment.config))
 
 
 def _run_rounds(
-    experiment: Experiment, dispatch: Dispatch, run_dir: RunDirectory, progress: Checkpoint,
-    history: list[dict[str, Any]], description: dict[str, Any], session_start: float, echo: Echo,
+    experiment: Experiment, dispatch: Dispatch, run_dir: RunDirectory, state: ServerState,
+    history: list[dict[str, Any]], description: dict[str, Any], elapsed: Callable[[], float], echo: Echo,
 ) -> RunResult:
-    """The rounds after `progress` (whose metrics lines are `history`), each checkpointed after its
-    metrics line is on disk, then the run's resources and summary."""
-    config, config_toml = experiment.config, config_to_toml(experiment.config)
-    state, history = progress.state, list(history)
-
-    def elapsed() -> float:
-        return progress.elapsed + time.perf_counter() - session_start
-
+    """The rounds after `state` (whose metrics lines so far are `history`), each recorded and
+    checkpointed, then the run's resources and summary."""
+    config, history = experiment.config, list(history)
     for _ in range(state.round, config.rounds):
         state, line = play_round(experiment, dispatch, state)
         history.append(line)
-        run_dir.append_metrics(line)
-        checkpoint = Checkpoint(state, run_dir.metrics_position(), elapsed(), GlobalRngState.capture())
-        save_checkpoint(run_dir.path, checkpoint, config_toml)
+        _record_round(experiment, run_dir, state, line, elapsed)
         echo(format_progress(line, config.rounds))
         for problem in format_client_problems(line):
             echo(problem)

@@ -18,7 +18,7 @@ from koala.engine.flower.messages import read_reply, train_content
 from koala.engine.rounds import Dispatch, Echo, Replies, RunResult, run_experiment
 from koala.errors import ConfigError, UpdateRejected
 from koala.experiment import Experiment, prepare_experiment
-from koala.run_dir import CONFIG_FILE, RunDirectory
+from koala.run_dir import read_run_config
 
 POLL_INTERVAL = 0.25
 """Seconds between pulls of replies (Flower's own send_and_receive waits 3 s between pulls)."""
@@ -152,9 +152,11 @@ def main(grid: Grid, context: Context) -> None:
     or `resume` (a run directory on the server host) alone."""
     run_config = context.run_config
     if run_config.get("resume"):
-        run_dir = RunDirectory.reopen(Path(str(run_config["resume"])).expanduser())
-        config = load_config(run_dir.path / CONFIG_FILE)
-        run_on_grid(grid, config, run_dir.path, print, engine="flower", resume=True)
+        if run_config.get("config") or run_config.get("out"):
+            raise ConfigError("resume=\"RUN_DIR\" continues a run with the config in RUN_DIR/config.toml: "
+                              "give no config or out with it")
+        run_dir = Path(str(run_config["resume"])).expanduser()
+        run_on_grid(grid, read_run_config(run_dir), run_dir, print, engine="flower", resume=True)
         return
     if not run_config.get("config"):
         raise ConfigError("no experiment: pass --run-config 'config=\"/path/to/experiment.toml\"' to flwr run "
