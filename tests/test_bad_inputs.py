@@ -80,7 +80,7 @@ CASES: dict[str, Case] = {
     "unknown dataset": ([str(QUICKSTART), *_set("data.dataset='mnist'")],
                         "data.dataset: Input should be 'fashion-mnist', 'cifar10', 'cifar100', 'digits' or 'synthetic'"),
     "unknown fusion rule": ([str(QUICKSTART), *_set("distill.fusion='vote'")],
-                            "distill.fusion: unknown fusion rule 'vote'; known rules: sample-share, uniform"),
+                            "distill.fusion: unknown fusion rule 'vote'; known rules: confidence, consensus, sample-share, uniform"),
     "missing data directory": ([str(QUICKSTART), *_set("data.dir='/nonexistent/fmnist'")],
                                "apt-get install -y dataset-fashion-mnist"),
     "truncated IDX file": (_truncated_fashion_mnist, "train-images-idx3-ubyte.gz is truncated or corrupt"),

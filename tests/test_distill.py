@@ -5,7 +5,16 @@ import math
 import pytest
 import torch
 
-from koala.distill import fuse_by_sample_share, fuse_uniform, fusion_names, fusion_rule, kd_loss, soft_targets
+from koala.distill import (
+    fuse_by_confidence,
+    fuse_by_consensus,
+    fuse_by_sample_share,
+    fuse_uniform,
+    fusion_names,
+    fusion_rule,
+    kd_loss,
+    soft_targets,
+)
 from koala.errors import ConfigError
 
 
@@ -44,15 +53,47 @@ def test_sample_share_fusion_weights_by_group_size() -> None:
     assert torch.allclose(fuse_uniform(probs, torch.tensor([300, 100])), torch.tensor([[0.5, 0.5]]))
 
 
-def test_fused_targets_stay_distributions() -> None:
+def test_confidence_fusion_weights_each_example_by_share_times_top_probability() -> None:
+    # Example 1: teacher A (share 0.5) is sure [0.9, 0.1], B (share 0.5) unsure [0.4, 0.6]:
+    # weights 0.5*0.9 = 0.45 and 0.5*0.6 = 0.3 -> (0.45*0.9 + 0.3*0.4) / 0.75 = 0.7 for class 0.
+    # Example 2: both equally sure -> plain share-weighted mean.
+    probs = torch.tensor([[[0.9, 0.1], [0.8, 0.2]], [[0.4, 0.6], [0.2, 0.8]]])
+    fused = fuse_by_confidence(probs, torch.tensor([50, 50]))
+    assert torch.allclose(fused, torch.tensor([[0.7, 0.3], [0.5, 0.5]]))
+
+
+def test_consensus_fusion_drops_teachers_that_disagree() -> None:
+    # Example 1: A and B (shares 0.25 each) say class 0, C (share 0.5) says class 1 weakly;
+    # the share-weighted consensus is class 0 (0.25*0.9 + 0.25*0.7 + 0.5*0.4 = 0.6), so C is dropped
+    # and A, B are averaged: [0.8, 0.2].
+    probs = torch.tensor([
+        [[0.9, 0.1], [0.55, 0.45]],
+        [[0.7, 0.3], [0.55, 0.45]],
+        [[0.4, 0.6], [0.35, 0.65]],
+    ])
+    fused = fuse_by_consensus(probs, torch.tensor([25, 25, 50]))
+    assert torch.allclose(fused[0], torch.tensor([0.8, 0.2]))
+    # example 2: consensus = 0.25*0.55 + 0.25*0.55 + 0.5*0.35 = 0.45 for class 0 -> class 1; only C agrees
+    assert torch.allclose(fused[1], torch.tensor([0.35, 0.65]))
+
+
+def test_consensus_fusion_keeps_everyone_when_nobody_agrees() -> None:
+    # A says 0, B says 2, their mean says 1: no teacher agrees, so all are kept.
+    probs = torch.tensor([[[0.5, 0.45, 0.05]], [[0.05, 0.45, 0.5]]])
+    fused = fuse_by_consensus(probs, torch.tensor([1, 1]))
+    assert torch.allclose(fused, torch.tensor([[0.275, 0.45, 0.275]]))
+
+
+@pytest.mark.parametrize("name", ["sample-share", "uniform", "confidence", "consensus"])
+def test_fused_targets_stay_distributions(name: str) -> None:
     g = torch.Generator().manual_seed(1)
     probs = torch.softmax(torch.randn(3, 5, 10, generator=g), dim=-1)
-    fused = fuse_by_sample_share(probs, torch.tensor([1, 2, 7]))
+    fused = fusion_rule(name)(probs, torch.tensor([1, 2, 7]))
     assert torch.allclose(fused.sum(-1), torch.ones(5))
 
 
 def test_fusion_registry() -> None:
-    assert {"sample-share", "uniform"} <= set(fusion_names())
+    assert fusion_names() == ["confidence", "consensus", "sample-share", "uniform"]
     assert fusion_rule("uniform") is fuse_uniform
-    with pytest.raises(ConfigError, match="unknown fusion rule 'vote'; known rules: sample-share"):
+    with pytest.raises(ConfigError, match="unknown fusion rule 'vote'; known rules: confidence, consensus, sample-share"):
         fusion_rule("vote")

@@ -139,7 +139,12 @@ class DistillConfig(_Section):
     """Reverse (small -> large) and forward (large -> small) distillation on the proxy set."""
 
     temperature: float = Field(3.0, gt=0)
-    fusion: str = Field("sample-share", description="how heterogeneous teachers are fused")
+    teacher: Literal["averaged", "ensemble"] = Field(
+        "averaged",
+        description="reverse-KD teacher of each architecture: its averaged model (the paper's reading), "
+        "or the mean logits of the round's client models (FedDF's ensemble)",
+    )
+    fusion: str = Field("sample-share", description="how the teachers of several architectures are fused")
     reverse: OptimizerConfig = Field(default_factory=OptimizerConfig)
     forward: OptimizerConfig = Field(default_factory=OptimizerConfig)
     forward_warmup_rounds: int = Field(
@@ -158,7 +163,7 @@ class ExperimentConfig(_Section):
     """A whole experiment: one seed derives every random stream."""
 
     name: str = "koala"
-    algorithm: Literal["koala", "fedavg-large", "fedavg-small"] = "koala"
+    algorithm: Literal["koala", "fedavg-large", "fedavg-small", "feddf", "centralised"] = "koala"
     seed: int = 0
     rounds: int = Field(10, ge=1)
     eval_every: int = Field(1, ge=1, description="evaluate every k rounds (and always after the last)")

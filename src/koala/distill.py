@@ -65,3 +65,24 @@ def fuse_by_sample_share(teacher_probs: torch.Tensor, sample_counts: torch.Tenso
 def fuse_uniform(teacher_probs: torch.Tensor, sample_counts: torch.Tensor) -> torch.Tensor:
     """Every teacher counts the same, whatever its group's size."""
     return teacher_probs.mean(dim=0)
+
+
+@register_fusion("confidence")
+def fuse_by_confidence(teacher_probs: torch.Tensor, sample_counts: torch.Tensor) -> torch.Tensor:
+    """Per example, each teacher weighted by its group's sample share times its confidence (its
+    top probability), so a teacher that is unsure of an example counts less on it."""
+    shares = sample_counts.to(teacher_probs.dtype) / sample_counts.sum()
+    weights = shares[:, None] * teacher_probs.max(dim=-1).values  # (K, N)
+    return torch.einsum("kn,knc->nc", weights / weights.sum(dim=0), teacher_probs)
+
+
+@register_fusion("consensus")
+def fuse_by_consensus(teacher_probs: torch.Tensor, sample_counts: torch.Tensor) -> torch.Tensor:
+    """Per example, the sample-share fusion of only the teachers whose top class is the consensus
+    (the top class of the sample-share fusion of all); where none agrees, all of them."""
+    shares = sample_counts.to(teacher_probs.dtype) / sample_counts.sum()
+    consensus = torch.einsum("k,knc->nc", shares, teacher_probs).argmax(dim=-1)  # (N,)
+    agrees = teacher_probs.argmax(dim=-1) == consensus  # (K, N)
+    agrees |= ~agrees.any(dim=0)  # nobody agrees: keep everyone
+    weights = shares[:, None] * agrees.to(teacher_probs.dtype)
+    return torch.einsum("kn,knc->nc", weights / weights.sum(dim=0), teacher_probs)

@@ -9,7 +9,7 @@ from pathlib import Path
 import torch
 
 from koala.accounting import CostTable
-from koala.algorithms import Algorithm, ServerData, make_algorithm
+from koala.algorithms import Algorithm, ServerData, algorithm_class, make_algorithm
 from koala.config import ExperimentConfig
 from koala.data.federated import FederatedSplit, make_federated_split
 from koala.data.sources import load_source
@@ -61,7 +61,8 @@ def prepare_experiment(config: ExperimentConfig) -> Experiment:
     source = load_source(config.data.dataset, Path(config.data.dir).expanduser() if config.data.dir else None)
     split = make_federated_split(source, config.data, config.seed).to(device)
     spec = InputSpec(source.channels, source.image_size, source.num_classes)
-    server_data = ServerData(split.proxy_images, split.labelled_server, split.test)
+    pooled = split.client_pool.subset(torch.cat(split.client_indices)) if algorithm_class(config).pools_client_data else None
+    server_data = ServerData(split.proxy_images, split.labelled_server, split.test, pooled)
     algorithm = make_algorithm(config, spec, server_data, device)
     costs = CostTable(spec, config.client.batch_size, momentum=config.client.momentum > 0)
     return Experiment(config, split, spec, algorithm, device, costs)

@@ -5,20 +5,26 @@ from __future__ import annotations
 import torch
 
 from koala.algorithms.base import Algorithm, ClientTask, RoundMetrics, ServerData, ServerState, local_train
+from koala.algorithms.centralised import CentralisedLarge
 from koala.algorithms.fedavg import FedAvgLarge, FedAvgSmall
-from koala.algorithms.koala import Koala
+from koala.algorithms.koala import FedDF, Koala
 from koala.config import ExperimentConfig
 from koala.models import InputSpec
 
-ALGORITHMS: dict[str, type[Algorithm]] = {cls.name: cls for cls in (Koala, FedAvgLarge, FedAvgSmall)}
+ALGORITHMS: dict[str, type[Algorithm]] = {cls.name: cls for cls in (Koala, FedAvgLarge, FedAvgSmall, FedDF, CentralisedLarge)}
+
+
+def algorithm_class(config: ExperimentConfig) -> type[Algorithm]:
+    """The class of the algorithm that `config.algorithm` names."""
+    return ALGORITHMS[config.algorithm]
 
 
 def make_algorithm(config: ExperimentConfig, spec: InputSpec, server_data: ServerData, device: torch.device) -> Algorithm:
     """The algorithm that `config.algorithm` names."""
-    return ALGORITHMS[config.algorithm](config, spec, server_data, device)
+    return algorithm_class(config)(config, spec, server_data, device)
 
 
 __all__ = [
     "ALGORITHMS", "Algorithm", "ClientTask", "RoundMetrics", "ServerData", "ServerState",
-    "local_train", "make_algorithm",
+    "algorithm_class", "local_train", "make_algorithm",
 ]

@@ -56,6 +56,9 @@ class ServerData:
     proxy_images: torch.Tensor
     labelled: ImageSplit | None
     test: ImageSplit
+    pooled_clients: ImageSplit | None = None
+    """Every client's data pooled: given only to algorithms that declare `pools_client_data` (the
+    centralised upper bound), never in a federated setting."""
 
 
 @dataclass
@@ -84,6 +87,10 @@ class Algorithm(ABC):
     """The round logic of one federated method."""
 
     name: str
+    federated = True
+    """False for a method without clients (the centralised upper bound): no round asks any client."""
+    pools_client_data = False
+    """True for a method that trains on the clients' pooled data (`ServerData.pooled_clients`)."""
 
     def __init__(self, config: ExperimentConfig, spec: InputSpec, server_data: ServerData, device: torch.device) -> None:
         for arch in [config.models.large, *config.models.small]:

@@ -45,27 +45,42 @@ class Koala(Algorithm):
         if not groups:
             return ServerState(round_number, state.large, small)
         with metrics.timed("reverse-distill"):
-            large_model = self._reverse_distill(state.large, groups, round_number, metrics)
+            targets = self.teacher_targets(updates, groups, metrics)
+            large_model = self._reverse_distill(state.large, targets, round_number, metrics)
         with metrics.timed("forward-distill"):
-            if round_number > self.config.distill.forward_warmup_rounds and self.config.distill.forward.epochs > 0:
+            if self.forward_distills(round_number):
                 small = self._forward_distill(large_model, small, round_number, metrics)
         return ServerState(round_number, module_state(large_model), small)
 
-    def teacher_targets(self, groups: dict[str, GroupAggregate], metrics: RoundMetrics) -> torch.Tensor:
-        """The fused soft targets of the round's aggregated small models on the proxy set."""
+    @property
+    def teacher(self) -> str:
+        """Which models teach the large one: "averaged" or "ensemble" (`distill.teacher`)."""
+        return self.config.distill.teacher
+
+    def forward_distills(self, round_number: int) -> bool:
+        """Whether this round distils the large model back into the small ones."""
+        distill = self.config.distill
+        return round_number > distill.forward_warmup_rounds and distill.forward.epochs > 0
+
+    def teacher_targets(self, updates: Sequence[ClientUpdate], groups: dict[str, GroupAggregate], metrics: RoundMetrics) -> torch.Tensor:
+        """The fused soft targets of the round's teachers on the proxy set: per architecture, the
+        logits of its averaged model, or the mean logits of its clients' models (one model is
+        built at a time); then the architectures' softened outputs are fused."""
         temperature, proxy = self.config.distill.temperature, self.server_data.proxy_images
         probs = []
         for arch, group in groups.items():
-            teacher = instantiate(arch, self.spec, group.state, self.device)
-            probs.append(soft_targets(predict_logits(teacher, proxy), temperature))
-            metrics.add_work(arch, "inference", len(proxy))
+            members = [u.state for u in updates if u.architecture == arch] if self.teacher == "ensemble" else [group.state]
+            logits = torch.zeros(())
+            for weights in members:
+                logits = logits + predict_logits(instantiate(arch, self.spec, weights, self.device), proxy)
+                metrics.add_work(arch, "inference", len(proxy))
+            probs.append(soft_targets(logits / len(members), temperature))
         counts = torch.tensor([g.num_examples for g in groups.values()], device=proxy.device)
         return self.fuse(torch.stack(probs), counts)
 
-    def _reverse_distill(self, large: StateDict | None, groups: dict[str, GroupAggregate], round_number: int, metrics: RoundMetrics) -> torch.nn.Module:
+    def _reverse_distill(self, large: StateDict | None, targets: torch.Tensor, round_number: int, metrics: RoundMetrics) -> torch.nn.Module:
         assert large is not None
         distill = self.config.distill
-        targets = self.teacher_targets(groups, metrics)
         student = instantiate(self.config.models.large, self.spec, large, self.device)
         proxy = self.server_data.proxy_images
         metrics.values["reverse-loss"] = train_distill(
@@ -89,3 +104,17 @@ class Koala(Algorithm):
             metrics.add_work(arch, "train", trained_samples(len(proxy), distill.forward))
             result[arch] = module_state(student)
         return result
+
+
+class FedDF(Koala):
+    """FedDF (Lin et al., 2020) in KOALA's setting: the mean logits of the round's client models are
+    distilled into the large model; the small models are only averaged (no forward distillation)."""
+
+    name = "feddf"
+
+    @property
+    def teacher(self) -> str:
+        return "ensemble"
+
+    def forward_distills(self, round_number: int) -> bool:
+        return False

@@ -73,7 +73,8 @@ def complete_round(experiment: Experiment, state: ServerState, clients: list[int
     failed = {failure["client"] for failure in replies.failures}
     accepted = algorithm.accept_updates(state, [c for c in clients if c not in failed], replies.updates, metrics)
     line: dict[str, Any] = {"round": state.round + 1, "clients": len(clients), "accepted": len(accepted)}
-    if len(accepted) >= config.client.min_replies:
+    min_replies = config.client.min_replies if algorithm.federated else 0
+    if len(accepted) >= min_replies:
         with metrics.timed("server"):
             state = algorithm.server_round(state, accepted, metrics)
     else:
@@ -100,7 +101,7 @@ def play_round(experiment: Experiment, dispatch: Dispatch, state: ServerState) -
     round_start = time.perf_counter()
     clients = sample_clients(
         config.seed, round_number, config.data.num_clients, config.client.clients_per_round(config.data.num_clients)
-    )
+    ) if experiment.algorithm.federated else []
     dropped = unreachable_clients(config.seed, round_number, clients, config.client.dropout_probability)
     client_start = time.perf_counter()
     replies = dispatch(state, [cid for cid in clients if cid not in dropped], round_number)
