@@ -94,6 +94,8 @@ CASES: dict[str, Case] = {
                                            "data.proxy-labelled = 5000 but the proxy set holds only 144 images"),
     "pretraining without labels": ([str(QUICKSTART), *_set("large-init.kind='pretrain'")],
                                    "large-init.kind = 'pretrain' needs a labelled server set"),
+    "labels term without labels": ([str(QUICKSTART), *_set("distill.reverse-ce-weight=1.0")],
+                                  "distill.reverse-ce-weight > 0 needs a labelled server set"),
     "min-replies above the sample": ([str(QUICKSTART), *_set("client.min-replies=20")],
                                      "client.min-replies = 20 but a round samples only 10 client(s)"),
     "shares do not match models": ([str(QUICKSTART), *_set("models.small-shares=[0.5,0.5]")],

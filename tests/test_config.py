@@ -58,7 +58,7 @@ def test_overrides_parse_toml_values() -> None:
         (["client.participation=0"], "client.participation: Input should be greater than 0"),
         (["client.participation=1.5"], "client.participation: Input should be less than or equal to 1"),
         (["data.proxy-fraction=1.0"], "data.proxy-fraction: Input should be less than 1"),
-        (["algorithm='fedprox'"], "algorithm: Input should be 'koala', 'fedavg-large' or 'fedavg-small'"),
+        (["algorithm='fedprox'"], "algorithm: Input should be 'koala', 'fedavg-large', 'fedavg-small', 'feddf' or 'centralised'"),
         (["data.dataset='mnist'"], "data.dataset: Input should be"),
         (["models.small=['lenet','shufflenetv2']", "models.small-shares=[0.5,0.4]"], "must be positive and sum to 1"),
         (["models.small=['lenet','shufflenetv2']", "models.small-shares=[1.0]"], "give one share per small architecture"),

@@ -4,6 +4,7 @@ import math
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from koala.distill import (
     fuse_by_confidence,
@@ -13,6 +14,7 @@ from koala.distill import (
     fusion_names,
     fusion_rule,
     kd_loss,
+    kd_with_labels_loss,
     soft_targets,
 )
 from koala.errors import ConfigError
@@ -97,3 +99,14 @@ def test_fusion_registry() -> None:
     assert fusion_rule("uniform") is fuse_uniform
     with pytest.raises(ConfigError, match="unknown fusion rule 'vote'; known rules: confidence, consensus, sample-share"):
         fusion_rule("vote")
+
+
+def test_the_labelled_term_adds_weighted_cross_entropy_of_the_labelled_examples_only() -> None:
+    g = torch.Generator().manual_seed(0)
+    logits, teacher = torch.randn(4, 3, generator=g), torch.softmax(torch.randn(4, 3, generator=g), -1)
+    labels = torch.tensor([2, -1, 0, -1])
+    kd = kd_loss(logits, teacher, 2.0)
+    ce = (F.cross_entropy(logits[0:1], labels[0:1]) + F.cross_entropy(logits[2:3], labels[2:3])) / 2
+    assert kd_with_labels_loss(logits, teacher, 2.0, labels, 0.5).item() == pytest.approx((kd + 0.5 * ce).item(), rel=1e-6)
+    assert torch.equal(kd_with_labels_loss(logits, teacher, 2.0, labels, 0.0), kd)
+    assert torch.equal(kd_with_labels_loss(logits, teacher, 2.0, torch.full((4,), -1), 3.0), kd)  # no label known

@@ -95,3 +95,43 @@ def test_centralised_large_trains_on_the_pooled_client_data_without_clients(tmp_
     for line in result.metrics[1:]:
         assert line["clients"] == 0 and line["resources"]["client-flops"] == 0 and "skipped" not in line
         assert line["resources"]["server-flops"] > 0
+
+
+def _distil_once(ce_weight: float, labels: torch.Tensor | None) -> dict[str, torch.Tensor]:
+    from koala.config import OptimizerConfig
+    from koala.models import InputSpec, build_model
+    from koala.training import train_distill
+
+    g = torch.Generator().manual_seed(0)
+    inputs = torch.randn(40, 1, 8, 8, generator=g)
+    teacher = torch.softmax(torch.randn(40, 10, generator=g), -1)
+    torch.manual_seed(0)
+    student = build_model("lenet", InputSpec(1, 8, 10))
+    train_distill(student, inputs, teacher, 3.0, OptimizerConfig(epochs=1, batch_size=8), seed=1,
+                  labels=labels, ce_weight=ce_weight)
+    return {k: v.detach().clone() for k, v in student.state_dict().items()}
+
+
+def test_the_cross_entropy_term_is_exactly_off_at_weight_zero_and_changes_training_when_on() -> None:
+    labels = torch.cat([torch.arange(10), torch.full((30,), -1)])
+    plain = _distil_once(0.0, None)
+    off = _distil_once(0.0, labels)
+    on = _distil_once(1.0, labels)
+    assert all(torch.equal(plain[k], off[k]) for k in plain)
+    assert not all(torch.equal(plain[k], on[k]) for k in plain)
+
+
+def test_labels_on_the_proxy_set_keep_a_pretrained_large_start(tmp_path: Path) -> None:
+    # Untrained small teachers wipe out a pretrained large model in one round of pure KD; the
+    # cross-entropy on the 300 labelled proxy images holds it (REFERENCES: 77.6 % -> 46.4 % without).
+    base = [*DIGITS, "rounds=2", "client.epochs=1", "distill.temperature=3.0", "data.proxy-labelled=300",
+            "large-init.kind='pretrain'", "large-init.pretrain.epochs=20", "distill.reverse.epochs=3"]
+    experiment = _experiment(*base[len(DIGITS):])
+    labelled, proxy = experiment.split.labelled_server, experiment.split.proxy_images
+    assert torch.equal(labelled.images, proxy[:300])  # the labelled set is the head of the proxy set
+    runs = {w: run_local(load_config(QUICKSTART, [*base, f"distill.reverse-ce-weight={w}"]), tmp_path / str(w),
+                         echo=lambda _: None).metrics for w in (0, 1)}
+    start = runs[0][0]["eval"]["large"]["accuracy"]
+    assert start > 0.7
+    assert _accuracy(runs[0], "large")[-1] < start - 0.3
+    assert _accuracy(runs[1], "large")[-1] > _accuracy(runs[0], "large")[-1] + 0.4

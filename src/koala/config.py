@@ -150,6 +150,9 @@ class DistillConfig(_Section):
     forward_warmup_rounds: int = Field(
         0, ge=0, description="rounds at the start in which forward distillation is skipped"
     )
+    reverse_ce_weight: float = Field(
+        0.0, ge=0, description="weight of cross-entropy on the labelled server set in reverse distillation (0 = off)"
+    )
 
 
 class FlowerConfig(_Section):
@@ -188,6 +191,11 @@ class ExperimentConfig(_Section):
             raise ValueError(
                 f"models.assignment has {len(self.models.assignment)} entries but data.num-clients is "
                 f"{self.data.num_clients}; give one architecture per client"
+            )
+        if self.distill.reverse_ce_weight > 0 and self.data.proxy_labelled == 0:
+            raise ValueError(
+                "distill.reverse-ce-weight > 0 needs a labelled server set: set data.proxy-labelled "
+                "to the number of proxy images the server has labels for"
             )
         if self.large_init.kind == "pretrain" and self.data.proxy_labelled == 0:
             raise ValueError(

@@ -14,7 +14,7 @@ from torch import nn
 
 from koala.config import OptimizerConfig
 from koala.data.dataset import ImageSplit
-from koala.distill import kd_loss
+from koala.distill import kd_loss, kd_with_labels_loss
 from koala.seeding import seeded_torch
 
 BatchLoss = Callable[[torch.Tensor], torch.Tensor]
@@ -90,15 +90,19 @@ def train_distill(
     temperature: float,
     settings: OptimizerConfig,
     seed: int,
+    labels: torch.Tensor | None = None,
+    ce_weight: float = 0.0,
 ) -> float:
-    """Distil fixed teacher soft targets into `student` with T²·KL; returns the last epoch's mean loss."""
-    return sgd_train(
-        student,
-        len(inputs),
-        lambda idx: kd_loss(student(inputs[idx]), teacher_probs[idx], temperature),
-        settings,
-        seed,
-    )
+    """Distil fixed teacher soft targets into `student` with T²·KL; returns the last epoch's mean loss.
+    With `labels` (one per input, -1 where unknown) and `ce_weight` > 0, the examples with a known
+    label add `ce_weight` times their cross-entropy."""
+    if labels is None or ce_weight == 0:
+        def batch_loss(idx: torch.Tensor) -> torch.Tensor:
+            return kd_loss(student(inputs[idx]), teacher_probs[idx], temperature)
+    else:
+        def batch_loss(idx: torch.Tensor) -> torch.Tensor:
+            return kd_with_labels_loss(student(inputs[idx]), teacher_probs[idx], temperature, labels[idx], ce_weight)
+    return sgd_train(student, len(inputs), batch_loss, settings, seed)
 
 
 @torch.no_grad()

@@ -86,9 +86,20 @@ class Koala(Algorithm):
         metrics.values["reverse-loss"] = train_distill(
             student, proxy, targets, distill.temperature, distill.reverse,
             derive_seed(self.config.seed, "reverse-distill", round_number),
+            labels=self._proxy_labels(), ce_weight=distill.reverse_ce_weight,
         )
         metrics.add_work(self.config.models.large, "train", trained_samples(len(proxy), distill.reverse))
         return student
+
+    def _proxy_labels(self) -> torch.Tensor | None:
+        """One label per proxy image, -1 where the server has none (the labelled set is the first
+        `data.proxy-labelled` proxy images); None without a labelled set."""
+        labelled, proxy = self.server_data.labelled, self.server_data.proxy_images
+        if labelled is None:
+            return None
+        labels = torch.full((len(proxy),), -1, dtype=torch.long, device=proxy.device)
+        labels[: len(labelled)] = labelled.labels
+        return labels
 
     def _forward_distill(self, large_model: torch.nn.Module, small: dict[str, StateDict], round_number: int, metrics: RoundMetrics) -> dict[str, StateDict]:
         distill, proxy = self.config.distill, self.server_data.proxy_images
