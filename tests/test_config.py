@@ -25,8 +25,15 @@ def test_shipped_configs_load(path: Path) -> None:
 
 def test_shipped_configs_exist() -> None:
     names = {p.name for p in CONFIGS}
-    assert {"quickstart.toml", "koala-homogeneous.toml", "koala-heterogeneous.toml",
-            "fedavg-large.toml", "fedavg-small.toml"} <= names
+    assert {"quickstart.toml", "koala-homogeneous.toml", "koala-heterogeneous.toml", "paper-literal.toml",
+            "fedavg-large.toml", "fedavg-small.toml", "feddf.toml", "centralised.toml"} <= names
+
+
+def test_the_paper_literal_preset_pins_the_round_as_described() -> None:
+    config = load_config(Path(__file__).parent.parent / "configs" / "paper-literal.toml")
+    distill = config.distill
+    assert config.algorithm == "koala" and distill.teacher == "averaged" and distill.reverse_ce_weight == 0
+    assert distill.forward_warmup_rounds == 0 and distill.forward.epochs == 1 and distill.reverse.epochs == 1
 
 
 def test_kebab_case_file_and_round_trip(tmp_path: Path) -> None:
