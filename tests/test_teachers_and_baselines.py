@@ -135,3 +135,18 @@ def test_labels_on_the_proxy_set_keep_a_pretrained_large_start(tmp_path: Path) -
     assert start > 0.7
     assert _accuracy(runs[0], "large")[-1] < start - 0.3
     assert _accuracy(runs[1], "large")[-1] > _accuracy(runs[0], "large")[-1] + 0.4
+
+
+@pytest.mark.parametrize("mix", [0.0, 0.5])
+def test_forward_mix_blends_the_distilled_and_the_averaged_small_model(mix: float) -> None:
+    mixing = _experiment(f"distill.forward-mix={mix}")
+    distilling = _experiment()
+    state = distilling.algorithm.initial_state(RoundMetrics())
+    updates = _round_one_updates(distilling)
+    averaged = aggregate_by_architecture(updates)["lenet"].state
+    distilled = distilling.algorithm.server_round(state, updates, RoundMetrics()).small["lenet"]
+    mixed = mixing.algorithm.server_round(state, updates, RoundMetrics()).small["lenet"]
+    assert not torch.equal(distilled["features.0.weight"], averaged["features.0.weight"])
+    for name, value in averaged.items():
+        if value.is_floating_point():
+            torch.testing.assert_close(mixed[name], mix * distilled[name] + (1 - mix) * value, rtol=1e-5, atol=1e-6)

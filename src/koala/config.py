@@ -150,6 +150,11 @@ class DistillConfig(_Section):
     forward_warmup_rounds: int = Field(
         0, ge=0, description="rounds at the start in which forward distillation is skipped"
     )
+    forward_mix: float = Field(
+        1.0, ge=0, le=1,
+        description="the small models clients receive: this share of the forward-distilled weights, the rest "
+        "the round's averaged weights (1 = distilled only)",
+    )
     reverse_ce_weight: float = Field(
         0.0, ge=0, description="weight of cross-entropy on the labelled server set in reverse distillation (0 = off)"
     )

@@ -10,7 +10,7 @@ from collections.abc import Sequence
 
 import torch
 
-from koala.aggregate import ClientUpdate, GroupAggregate, StateDict, aggregate_by_architecture
+from koala.aggregate import ClientUpdate, GroupAggregate, StateDict, aggregate_by_architecture, fedavg
 from koala.algorithms.base import Algorithm, RoundMetrics, ServerState
 from koala.algorithms.models import instantiate, module_state
 from koala.distill import fusion_rule, soft_targets
@@ -113,7 +113,9 @@ class Koala(Algorithm):
                 derive_seed(self.config.seed, "forward-distill", round_number, arch),
             )
             metrics.add_work(arch, "train", trained_samples(len(proxy), distill.forward))
-            result[arch] = module_state(student)
+            distilled = module_state(student)
+            mix = distill.forward_mix
+            result[arch] = distilled if mix == 1 else fedavg([distilled, weights], [mix, 1 - mix])
         return result
 
 
