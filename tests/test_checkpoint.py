@@ -40,7 +40,9 @@ DIGITS = ["data.dataset='digits'", "data.train-limit=0", "data.test-limit=0", "d
 # the server state and every random stream is exercised, and a round lasts about 2 s.
 KILLED_RUN = DIGITS + ["data.num-clients=4", "models.large='resnet18-ds'", "models.small=['lenet','mobilenetv2']",
                        "rounds=4", "client.dropout-probability=0.2"]
-SMALL_RUN = DIGITS + ["data.num-clients=4", "models.large='lenet'", "models.small=['lenet']", "rounds=3"]
+# The server keeps its momentum across rounds here, so a resumed run must restore it too.
+SMALL_RUN = DIGITS + ["data.num-clients=4", "models.large='lenet'", "models.small=['lenet']", "rounds=3",
+                      "distill.keep-optimizer-state=true"]
 
 
 def _quiet(_: str) -> None:
@@ -163,6 +165,8 @@ def test_checkpoint_round_trips_the_state_the_metrics_position_and_every_generat
         large={"conv.weight": torch.randn(4, 3, generator=generator), "bn.num_batches_tracked": torch.tensor(12)},
         small={"shufflenetv2-0.5": {"fc.bias": torch.randn(5, generator=generator)},
                "lenet": {"fc.weight": torch.randn(2, 2, generator=generator).half()}},
+        optimizers={"reverse": {"conv.weight": torch.randn(4, 3, generator=generator)},
+                    "forward:shufflenetv2-0.5": {"fc.bias": torch.randn(5, generator=generator)}},
     )
     position = MetricsPosition(1234, "ab" * 32)
     torch.manual_seed(1)
@@ -180,7 +184,10 @@ def test_checkpoint_round_trips_the_state_the_metrics_position_and_every_generat
     assert torch.equal(torch.rand(3), expected_draws[0])
     assert np.array_equal(np.random.rand(3), expected_draws[1]) and random.random() == expected_draws[2]
     assert loaded.state.round == 7 and loaded.elapsed == 12.5 and loaded.metrics_position == position
-    for original, restored in [(state.large, loaded.state.large), *((state.small[a], loaded.state.small[a]) for a in state.small)]:
+    assert loaded.state.small.keys() == state.small.keys() and loaded.state.optimizers.keys() == state.optimizers.keys()
+    pairs = [(state.large, loaded.state.large), *((state.small[a], loaded.state.small[a]) for a in state.small),
+             *((state.optimizers[r], loaded.state.optimizers[r]) for r in state.optimizers)]
+    for original, restored in pairs:
         assert original.keys() == restored.keys()
         assert all(torch.equal(original[k], restored[k]) and original[k].dtype == restored[k].dtype for k in original)
 

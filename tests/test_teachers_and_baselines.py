@@ -150,3 +150,36 @@ def test_forward_mix_blends_the_distilled_and_the_averaged_small_model(mix: floa
     for name, value in averaged.items():
         if value.is_floating_point():
             torch.testing.assert_close(mixed[name], mix * distilled[name] + (1 - mix) * value, rtol=1e-5, atol=1e-6)
+
+
+def test_sgd_momentum_carried_across_calls_continues_where_it_stopped() -> None:
+    # loss = sum(w): the gradient is 1 every step. SGD, lr 0.1, momentum 0.9, one step per call:
+    # step 1 moves w by 0.1 (buffer 1); a second call that carries the buffer moves it by 0.19.
+    from koala.config import OptimizerConfig
+    from koala.training import sgd_train
+
+    settings = OptimizerConfig(epochs=1, batch_size=2, lr=0.1, momentum=0.9)
+    model = torch.nn.Linear(1, 1, bias=False)
+    torch.nn.init.zeros_(model.weight)
+    momentum: dict[str, torch.Tensor] = {}
+    for _ in range(2):
+        sgd_train(model, 2, lambda idx: model.weight.sum(), settings, seed=0, momentum=momentum)
+    assert model.weight.item() == pytest.approx(-0.29)
+    assert momentum["weight"].item() == pytest.approx(1.9)
+    fresh = torch.nn.Linear(1, 1, bias=False)
+    torch.nn.init.zeros_(fresh.weight)
+    for _ in range(2):
+        sgd_train(fresh, 2, lambda idx: fresh.weight.sum(), settings, seed=0)
+    assert fresh.weight.item() == pytest.approx(-0.2)
+
+
+def test_koala_keeps_the_server_momentum_of_each_distillation_when_asked() -> None:
+    for keep in (False, True):
+        experiment = _experiment(f"distill.keep-optimizer-state={str(keep).lower()}")
+        state = experiment.algorithm.initial_state(RoundMetrics())
+        after = experiment.algorithm.server_round(state, _round_one_updates(experiment), RoundMetrics())
+        if keep:
+            assert set(after.optimizers) == {"reverse", "forward:lenet"}
+            assert after.optimizers["reverse"].keys() == {k for k in after.large if "running" not in k and "num_batches" not in k}
+        else:
+            assert after.optimizers == {}

@@ -1,12 +1,13 @@
 """Checkpoints: everything a run needs to continue after round k, in one safetensors file.
 
-The file holds the server state (the large model and the small model of every architecture), the
-global random generators' states, and as metadata the round, how far metrics.jsonl had got (its
-length and digest: the lines themselves stay in that file, so a checkpoint's size does not grow
-with the rounds), the run's elapsed time and the config it was written with. It is written atomically (a temporary file,
-flushed to disk, then renamed over the old one), so a kill at any moment leaves either the previous
-checkpoint or the new one. A digest over every tensor and every metadata field catches a damaged
-file; safetensors never unpickles anything.
+The file holds the server state (the large model, the small model of every architecture and any
+momentum the server keeps across rounds), the global random generators' states, and as metadata
+the round, how far metrics.jsonl had got (its length and digest: the lines themselves stay in that
+file, so a checkpoint's size does not grow with the rounds), the run's elapsed time and the config
+it was written with. It is written atomically (a temporary file, flushed to disk, then renamed
+over the old one), so a kill at any moment leaves either the previous checkpoint or the new one.
+A digest over every tensor and every metadata field catches a damaged file; safetensors never
+unpickles anything.
 """
 
 from __future__ import annotations
@@ -29,7 +30,7 @@ from koala.seeding import GlobalRngState
 
 CHECKPOINT_FILE = "checkpoint.safetensors"
 FORMAT = "koala-fl checkpoint 1"
-_LARGE, _SMALL, _RNG = "large/", "small/", "rng/"
+_LARGE, _SMALL, _OPTIMIZER, _RNG = "large/", "small/", "optimizer/", "rng/"
 
 
 @dataclass(frozen=True)
@@ -124,21 +125,23 @@ def _digest(tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> str:
 
 def _state_tensors(state: ServerState) -> dict[str, torch.Tensor]:
     tensors = {} if state.large is None else {_LARGE + name: t for name, t in state.large.items()}
-    for arch, weights in state.small.items():
-        tensors.update({f"{_SMALL}{arch}/{name}": t for name, t in weights.items()})
+    for prefix, groups in ((_SMALL, state.small), (_OPTIMIZER, state.optimizers)):
+        for key, weights in groups.items():
+            tensors.update({f"{prefix}{key}/{name}": t for name, t in weights.items()})
     return {name: t.detach().cpu().contiguous() for name, t in tensors.items()}
 
 
 def _server_state(round_number: int, tensors: dict[str, torch.Tensor], device: torch.device) -> ServerState:
     large: dict[str, torch.Tensor] = {}
-    small: dict[str, dict[str, torch.Tensor]] = {}
+    grouped: dict[str, dict[str, dict[str, torch.Tensor]]] = {_SMALL: {}, _OPTIMIZER: {}}
     for name, tensor in tensors.items():
         if name.startswith(_LARGE):
             large[name.removeprefix(_LARGE)] = tensor.to(device)
-        elif name.startswith(_SMALL):
-            arch, _, key = name.removeprefix(_SMALL).partition("/")
-            small.setdefault(arch, {})[key] = tensor.to(device)
-    return ServerState(round_number, large or None, small)
+        for prefix, groups in grouped.items():
+            if name.startswith(prefix):
+                group, _, key = name.removeprefix(prefix).partition("/")
+                groups.setdefault(group, {})[key] = tensor.to(device)
+    return ServerState(round_number, large or None, grouped[_SMALL], grouped[_OPTIMIZER])
 
 
 def _rng_tensors(rng: GlobalRngState) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:

@@ -155,6 +155,9 @@ class DistillConfig(_Section):
         description="the small models clients receive: this share of the forward-distilled weights, the rest "
         "the round's averaged weights (1 = distilled only)",
     )
+    keep_optimizer_state: bool = Field(
+        False, description="carry the server's SGD momentum across rounds (reverse and forward distillation)"
+    )
     reverse_ce_weight: float = Field(
         0.0, ge=0, description="weight of cross-entropy on the labelled server set in reverse distillation (0 = off)"
     )

@@ -44,18 +44,26 @@ def shuffled_batches(num_examples: int, batch_size: int, generator: torch.Genera
         yield order[start : min(start + batch_size, stop)]
 
 
-def sgd_train(model: nn.Module, num_examples: int, batch_loss: BatchLoss, settings: OptimizerConfig, seed: int) -> float:
+def sgd_train(
+    model: nn.Module, num_examples: int, batch_loss: BatchLoss, settings: OptimizerConfig, seed: int,
+    momentum: dict[str, torch.Tensor] | None = None,
+) -> float:
     """Train `model` for `settings.epochs` epochs of SGD; returns the mean loss of the last epoch.
 
     `seed` fixes the batch order and the model's own randomness (dropout), which runs on a stream
     of its own: training is a pure function of its inputs and leaves torch's global generator as it was.
+    `momentum`, when given, carries SGD's momentum buffers (by parameter name) across calls: it is
+    loaded before the first step and replaced by the final buffers.
     """
     if settings.epochs == 0 or num_examples == 0:
         return float("nan")
     device = next(model.parameters()).device
+    parameters = dict(model.named_parameters())
     optimizer = torch.optim.SGD(
-        model.parameters(), lr=settings.lr, momentum=settings.momentum, weight_decay=settings.weight_decay
+        parameters.values(), lr=settings.lr, momentum=settings.momentum, weight_decay=settings.weight_decay
     )
+    for name, buffer in (momentum or {}).items():
+        optimizer.state[parameters[name]]["momentum_buffer"] = buffer.clone()
     order = torch.Generator().manual_seed(seed)
     model.train()
     with seeded_torch(seed, "layers", device=device):
@@ -69,6 +77,12 @@ def sgd_train(model: nn.Module, num_examples: int, batch_loss: BatchLoss, settin
                 optimizer.step()
                 total += loss.detach() * len(batch)
                 seen += len(batch)
+    if momentum is not None:
+        momentum.clear()
+        momentum.update({
+            name: optimizer.state[p]["momentum_buffer"].detach()
+            for name, p in parameters.items() if optimizer.state[p].get("momentum_buffer") is not None
+        })
     return float(total / max(seen, 1))
 
 
@@ -92,17 +106,18 @@ def train_distill(
     seed: int,
     labels: torch.Tensor | None = None,
     ce_weight: float = 0.0,
+    momentum: dict[str, torch.Tensor] | None = None,
 ) -> float:
     """Distil fixed teacher soft targets into `student` with T²·KL; returns the last epoch's mean loss.
     With `labels` (one per input, -1 where unknown) and `ce_weight` > 0, the examples with a known
-    label add `ce_weight` times their cross-entropy."""
+    label add `ce_weight` times their cross-entropy. `momentum` is as in `sgd_train`."""
     if labels is None or ce_weight == 0:
         def batch_loss(idx: torch.Tensor) -> torch.Tensor:
             return kd_loss(student(inputs[idx]), teacher_probs[idx], temperature)
     else:
         def batch_loss(idx: torch.Tensor) -> torch.Tensor:
             return kd_with_labels_loss(student(inputs[idx]), teacher_probs[idx], temperature, labels[idx], ce_weight)
-    return sgd_train(student, len(inputs), batch_loss, settings, seed)
+    return sgd_train(student, len(inputs), batch_loss, settings, seed, momentum)
 
 
 @torch.no_grad()

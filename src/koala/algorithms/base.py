@@ -38,6 +38,9 @@ class ServerState:
     round: int
     large: StateDict | None
     small: dict[str, StateDict]
+    optimizers: dict[str, StateDict] = field(default_factory=dict)
+    """SGD momentum buffers (by parameter name) that the server carries across rounds, by training
+    role ("reverse", "forward:ARCH"); empty unless `distill.keep-optimizer-state`."""
 
 
 @dataclass(frozen=True)

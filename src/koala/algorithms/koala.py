@@ -7,6 +7,7 @@ Homogeneous mode is the special case of a single small architecture.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import replace
 
 import torch
 
@@ -43,14 +44,21 @@ class Koala(Algorithm):
             groups = aggregate_by_architecture(updates)
         small = {**state.small, **{arch: group.state for arch, group in groups.items()}}
         if not groups:
-            return ServerState(round_number, state.large, small)
+            return replace(state, round=round_number, small=small)
+        # fresh dicts: the momentum of the round before stays as it was in `state`
+        optimizers = {role: dict(buffers) for role, buffers in state.optimizers.items()}
         with metrics.timed("reverse-distill"):
             targets = self.teacher_targets(updates, groups, metrics)
-            large_model = self._reverse_distill(state.large, targets, round_number, metrics)
+            large_model = self._reverse_distill(state.large, targets, round_number, metrics, self._momentum(optimizers, "reverse"))
         with metrics.timed("forward-distill"):
             if self.forward_distills(round_number):
-                small = self._forward_distill(large_model, small, round_number, metrics)
-        return ServerState(round_number, module_state(large_model), small)
+                small = self._forward_distill(large_model, small, round_number, metrics, optimizers)
+        return ServerState(round_number, module_state(large_model), small, optimizers)
+
+    def _momentum(self, optimizers: dict[str, StateDict], role: str) -> StateDict | None:
+        """The momentum buffers of `role` to carry through this round (created empty), or None when
+        `distill.keep-optimizer-state` is off."""
+        return optimizers.setdefault(role, {}) if self.config.distill.keep_optimizer_state else None
 
     @property
     def teacher(self) -> str:
@@ -78,7 +86,10 @@ class Koala(Algorithm):
         counts = torch.tensor([g.num_examples for g in groups.values()], device=proxy.device)
         return self.fuse(torch.stack(probs), counts)
 
-    def _reverse_distill(self, large: StateDict | None, targets: torch.Tensor, round_number: int, metrics: RoundMetrics) -> torch.nn.Module:
+    def _reverse_distill(
+        self, large: StateDict | None, targets: torch.Tensor, round_number: int, metrics: RoundMetrics,
+        momentum: StateDict | None,
+    ) -> torch.nn.Module:
         assert large is not None
         distill = self.config.distill
         student = instantiate(self.config.models.large, self.spec, large, self.device)
@@ -86,7 +97,7 @@ class Koala(Algorithm):
         metrics.values["reverse-loss"] = train_distill(
             student, proxy, targets, distill.temperature, distill.reverse,
             derive_seed(self.config.seed, "reverse-distill", round_number),
-            labels=self._proxy_labels(), ce_weight=distill.reverse_ce_weight,
+            labels=self._proxy_labels(), ce_weight=distill.reverse_ce_weight, momentum=momentum,
         )
         metrics.add_work(self.config.models.large, "train", trained_samples(len(proxy), distill.reverse))
         return student
@@ -101,7 +112,10 @@ class Koala(Algorithm):
         labels[: len(labelled)] = labelled.labels
         return labels
 
-    def _forward_distill(self, large_model: torch.nn.Module, small: dict[str, StateDict], round_number: int, metrics: RoundMetrics) -> dict[str, StateDict]:
+    def _forward_distill(
+        self, large_model: torch.nn.Module, small: dict[str, StateDict], round_number: int, metrics: RoundMetrics,
+        optimizers: dict[str, StateDict],
+    ) -> dict[str, StateDict]:
         distill, proxy = self.config.distill, self.server_data.proxy_images
         targets = soft_targets(predict_logits(large_model, proxy), distill.temperature)
         metrics.add_work(self.config.models.large, "inference", len(proxy))
@@ -111,6 +125,7 @@ class Koala(Algorithm):
             metrics.values[f"forward-loss:{arch}"] = train_distill(
                 student, proxy, targets, distill.temperature, distill.forward,
                 derive_seed(self.config.seed, "forward-distill", round_number, arch),
+                momentum=self._momentum(optimizers, f"forward:{arch}"),
             )
             metrics.add_work(arch, "train", trained_samples(len(proxy), distill.forward))
             distilled = module_state(student)

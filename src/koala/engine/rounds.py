@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -78,7 +78,7 @@ def complete_round(experiment: Experiment, state: ServerState, clients: list[int
         with metrics.timed("server"):
             state = algorithm.server_round(state, accepted, metrics)
     else:
-        state = ServerState(state.round + 1, state.large, state.small)
+        state = replace(state, round=state.round + 1)
         line["skipped"] = (
             f"{len(accepted)} accepted update(s), fewer than client.min-replies = {config.client.min_replies}: "
             "the server's models are unchanged"
