@@ -98,7 +98,7 @@ def test_centralised_large_trains_on_the_pooled_client_data_without_clients(tmp_
 
 
 def _distil_once(ce_weight: float, labels: torch.Tensor | None) -> dict[str, torch.Tensor]:
-    from koala.config import OptimizerConfig
+    from koala.config import DistillOptimizerConfig
     from koala.models import InputSpec, build_model
     from koala.training import train_distill
 
@@ -107,7 +107,7 @@ def _distil_once(ce_weight: float, labels: torch.Tensor | None) -> dict[str, tor
     teacher = torch.softmax(torch.randn(40, 10, generator=g), -1)
     torch.manual_seed(0)
     student = build_model("lenet", InputSpec(1, 8, 10))
-    train_distill(student, inputs, teacher, 3.0, OptimizerConfig(epochs=1, batch_size=8), seed=1,
+    train_distill(student, inputs, teacher, 3.0, DistillOptimizerConfig(epochs=1, batch_size=8), seed=1,
                   labels=labels, ce_weight=ce_weight)
     return {k: v.detach().clone() for k, v in student.state_dict().items()}
 
@@ -183,3 +183,61 @@ def test_koala_keeps_the_server_momentum_of_each_distillation_when_asked() -> No
             assert after.optimizers["reverse"].keys() == {k for k in after.large if "running" not in k and "num_batches" not in k}
         else:
             assert after.optimizers == {}
+
+
+def test_early_stopping_stops_after_patience_epochs_without_gain_and_restores_the_best_weights() -> None:
+    from koala.training import EarlyStopping
+
+    model = torch.nn.Linear(1, 1, bias=False)
+    losses = iter([5.0, 4.0, 3.0, 3.5, 3.2, 1.0])  # the start, then one per epoch
+
+    def held_out_loss() -> float:
+        return next(losses)
+
+    stopper = EarlyStopping(model, held_out_loss, patience=2)
+    decisions = []
+    for epoch in range(1, 6):
+        with torch.no_grad():
+            model.weight.fill_(epoch)  # "training" sets the weight to the epoch number
+        decisions.append(stopper())
+        if decisions[-1]:
+            break
+    assert decisions == [False, False, False, True]  # epochs 3 and 4 did not beat epoch 2's 3.0
+    stopper.restore_best()
+    assert model.weight.item() == 2.0
+
+
+def test_distillation_with_a_holdout_stops_early_and_never_ends_worse_than_it_started() -> None:
+    # Random teacher targets on random images: the student can only memorise, so the held-out KD
+    # loss soon stops falling and training stops long before its 40 epochs.
+    from koala.config import DistillOptimizerConfig
+    from koala.distill import kd_loss
+    from koala.models import InputSpec, build_model
+    from koala.training import train_distill
+
+    g = torch.Generator().manual_seed(0)
+    inputs = torch.randn(200, 1, 8, 8, generator=g)
+    teacher = torch.softmax(3 * torch.randn(200, 10, generator=g), -1)
+    torch.manual_seed(0)
+    student = build_model("lenet", InputSpec(1, 8, 10))
+    held = torch.randperm(200, generator=torch.Generator().manual_seed(derive_seed(3, "holdout")))[:50]
+
+    def held_out_loss() -> float:
+        return float(kd_loss(predict_logits(student, inputs[held]), teacher[held], 1.0))
+
+    start = held_out_loss()
+    settings = DistillOptimizerConfig(epochs=40, batch_size=20, lr=0.1, holdout_fraction=0.25, patience=2)
+    outcome = train_distill(student, inputs, teacher, 1.0, settings, seed=3)
+    assert outcome.samples % 150 == 0 and 2 * 150 <= outcome.samples < 40 * 150
+    assert held_out_loss() <= start
+
+
+def test_without_a_holdout_every_epoch_runs() -> None:
+    from koala.config import DistillOptimizerConfig
+    from koala.models import InputSpec, build_model
+    from koala.training import train_distill
+
+    student = build_model("lenet", InputSpec(1, 8, 10))
+    inputs, teacher = torch.randn(30, 1, 8, 8), torch.full((30, 10), 0.1)
+    outcome = train_distill(student, inputs, teacher, 1.0, DistillOptimizerConfig(epochs=3, batch_size=10), seed=0)
+    assert outcome.samples == 90

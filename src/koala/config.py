@@ -96,6 +96,16 @@ class OptimizerConfig(_Section):
     weight_decay: float = Field(0.0, ge=0)
 
 
+class DistillOptimizerConfig(OptimizerConfig):
+    """SGD settings of one server distillation, with optional early stopping."""
+
+    holdout_fraction: float = Field(
+        0.0, ge=0, lt=1,
+        description="share of the proxy set held out to stop early on its KD loss (0 = off; epochs is then the most)",
+    )
+    patience: int = Field(2, ge=1, description="epochs without a better held-out loss before stopping")
+
+
 class PretrainConfig(OptimizerConfig):
     """Supervised training of the large model on the labelled server set (large-init.kind = 'pretrain')."""
 
@@ -145,8 +155,8 @@ class DistillConfig(_Section):
         "or the mean logits of the round's client models (FedDF's ensemble)",
     )
     fusion: str = Field("sample-share", description="how the teachers of several architectures are fused")
-    reverse: OptimizerConfig = Field(default_factory=OptimizerConfig)
-    forward: OptimizerConfig = Field(default_factory=OptimizerConfig)
+    reverse: DistillOptimizerConfig = Field(default_factory=DistillOptimizerConfig)
+    forward: DistillOptimizerConfig = Field(default_factory=DistillOptimizerConfig)
     forward_warmup_rounds: int = Field(
         0, ge=0, description="rounds at the start in which forward distillation is skipped"
     )

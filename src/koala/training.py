@@ -7,15 +7,16 @@ loss on a batch of indices differs.
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from koala.config import OptimizerConfig
+from koala.config import DistillOptimizerConfig, OptimizerConfig
 from koala.data.dataset import ImageSplit
 from koala.distill import kd_loss, kd_with_labels_loss
-from koala.seeding import seeded_torch
+from koala.seeding import derive_seed, seeded_torch
 
 BatchLoss = Callable[[torch.Tensor], torch.Tensor]
 
@@ -30,11 +31,6 @@ def samples_per_epoch(num_examples: int, batch_size: int) -> int:
     return num_examples - 1 if _drops_last(num_examples, batch_size) else num_examples
 
 
-def trained_samples(num_examples: int, settings: OptimizerConfig) -> int:
-    """Examples processed by `sgd_train` over all its epochs."""
-    return settings.epochs * samples_per_epoch(num_examples, settings.batch_size)
-
-
 def shuffled_batches(num_examples: int, batch_size: int, generator: torch.Generator, device: torch.device) -> Iterator[torch.Tensor]:
     """Index batches of one epoch in a seeded random order. A trailing batch of one example is
     dropped, since BatchNorm cannot train on it."""
@@ -44,19 +40,32 @@ def shuffled_batches(num_examples: int, batch_size: int, generator: torch.Genera
         yield order[start : min(start + batch_size, stop)]
 
 
+@dataclass(frozen=True)
+class TrainOutcome:
+    """What a training call did: the mean loss of its last epoch, and the examples it processed
+    over all its epochs (what the FLOP accounting counts)."""
+
+    loss: float
+    samples: int
+
+
+EpochEnd = Callable[[], bool]
+"""Called after each epoch; True stops training (early stopping)."""
+
+
 def sgd_train(
     model: nn.Module, num_examples: int, batch_loss: BatchLoss, settings: OptimizerConfig, seed: int,
-    momentum: dict[str, torch.Tensor] | None = None,
-) -> float:
-    """Train `model` for `settings.epochs` epochs of SGD; returns the mean loss of the last epoch.
+    momentum: dict[str, torch.Tensor] | None = None, after_epoch: EpochEnd | None = None,
+) -> TrainOutcome:
+    """Train `model` for up to `settings.epochs` epochs of SGD.
 
     `seed` fixes the batch order and the model's own randomness (dropout), which runs on a stream
     of its own: training is a pure function of its inputs and leaves torch's global generator as it was.
     `momentum`, when given, carries SGD's momentum buffers (by parameter name) across calls: it is
-    loaded before the first step and replaced by the final buffers.
+    loaded before the first step and replaced by the final buffers. `after_epoch` may stop early.
     """
     if settings.epochs == 0 or num_examples == 0:
-        return float("nan")
+        return TrainOutcome(float("nan"), 0)
     device = next(model.parameters()).device
     parameters = dict(model.named_parameters())
     optimizer = torch.optim.SGD(
@@ -65,9 +74,10 @@ def sgd_train(
     for name, buffer in (momentum or {}).items():
         optimizer.state[parameters[name]]["momentum_buffer"] = buffer.clone()
     order = torch.Generator().manual_seed(seed)
-    model.train()
+    processed = 0
     with seeded_torch(seed, "layers", device=device):
         for _ in range(settings.epochs):
+            model.train()
             total = torch.zeros((), device=device)
             seen = 0
             for batch in shuffled_batches(num_examples, settings.batch_size, order, device):
@@ -77,17 +87,20 @@ def sgd_train(
                 optimizer.step()
                 total += loss.detach() * len(batch)
                 seen += len(batch)
+            processed += seen
+            if after_epoch is not None and after_epoch():
+                break
     if momentum is not None:
         momentum.clear()
         momentum.update({
             name: optimizer.state[p]["momentum_buffer"].detach()
             for name, p in parameters.items() if optimizer.state[p].get("momentum_buffer") is not None
         })
-    return float(total / max(seen, 1))
+    return TrainOutcome(float(total / max(seen, 1)), processed)
 
 
-def train_supervised(model: nn.Module, data: ImageSplit, settings: OptimizerConfig, seed: int) -> float:
-    """Cross-entropy training on labelled data; returns the last epoch's mean loss."""
+def train_supervised(model: nn.Module, data: ImageSplit, settings: OptimizerConfig, seed: int) -> TrainOutcome:
+    """Cross-entropy training on labelled data."""
     return sgd_train(
         model,
         len(data),
@@ -97,27 +110,68 @@ def train_supervised(model: nn.Module, data: ImageSplit, settings: OptimizerConf
     )
 
 
+class EarlyStopping:
+    """After each epoch, the student's KD loss on a held-out slice; stops once it has not improved
+    for `patience` epochs, and `restore_best` puts back the best weights seen (the starting ones
+    included, so an epoch that only hurts is undone)."""
+
+    def __init__(self, model: nn.Module, held_out_loss: Callable[[], float], patience: int) -> None:
+        self.model, self.held_out_loss, self.patience = model, held_out_loss, patience
+        self.best = held_out_loss()
+        self.best_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
+        self.epochs_without_gain = 0
+
+    def __call__(self) -> bool:
+        loss = self.held_out_loss()
+        if loss < self.best:
+            self.best, self.epochs_without_gain = loss, 0
+            self.best_state = {k: v.detach().clone() for k, v in self.model.state_dict().items()}
+        else:
+            self.epochs_without_gain += 1
+        return self.epochs_without_gain >= self.patience
+
+    def restore_best(self) -> None:
+        self.model.load_state_dict(self.best_state)
+
+
 def train_distill(
     student: nn.Module,
     inputs: torch.Tensor,
     teacher_probs: torch.Tensor,
     temperature: float,
-    settings: OptimizerConfig,
+    settings: DistillOptimizerConfig,
     seed: int,
     labels: torch.Tensor | None = None,
     ce_weight: float = 0.0,
     momentum: dict[str, torch.Tensor] | None = None,
-) -> float:
-    """Distil fixed teacher soft targets into `student` with T²·KL; returns the last epoch's mean loss.
+) -> TrainOutcome:
+    """Distil fixed teacher soft targets into `student` with T²·KL.
+
     With `labels` (one per input, -1 where unknown) and `ce_weight` > 0, the examples with a known
-    label add `ce_weight` times their cross-entropy. `momentum` is as in `sgd_train`."""
-    if labels is None or ce_weight == 0:
-        def batch_loss(idx: torch.Tensor) -> torch.Tensor:
-            return kd_loss(student(inputs[idx]), teacher_probs[idx], temperature)
-    else:
-        def batch_loss(idx: torch.Tensor) -> torch.Tensor:
-            return kd_with_labels_loss(student(inputs[idx]), teacher_probs[idx], temperature, labels[idx], ce_weight)
-    return sgd_train(student, len(inputs), batch_loss, settings, seed, momentum)
+    label add `ce_weight` times their cross-entropy. With `settings.holdout_fraction` > 0, a seeded
+    slice of the inputs is held out and training stops early on its KD loss (`EarlyStopping`).
+    `momentum` is as in `sgd_train`.
+    """
+    def loss_on(idx: torch.Tensor) -> torch.Tensor:
+        logits = student(inputs[idx])
+        if labels is None or ce_weight == 0:
+            return kd_loss(logits, teacher_probs[idx], temperature)
+        return kd_with_labels_loss(logits, teacher_probs[idx], temperature, labels[idx], ce_weight)
+
+    held_out = round(settings.holdout_fraction * len(inputs))
+    if held_out == 0:
+        return sgd_train(student, len(inputs), loss_on, settings, seed, momentum)
+    order = torch.randperm(len(inputs), generator=torch.Generator().manual_seed(derive_seed(seed, "holdout")))
+    order = order.to(inputs.device)
+    held, kept = order[:held_out], order[held_out:]
+    stopper = EarlyStopping(
+        student,
+        lambda: float(kd_loss(predict_logits(student, inputs[held]), teacher_probs[held], temperature)),
+        settings.patience,
+    )
+    outcome = sgd_train(student, len(kept), lambda idx: loss_on(kept[idx]), settings, seed, momentum, stopper)
+    stopper.restore_best()
+    return outcome
 
 
 @torch.no_grad()

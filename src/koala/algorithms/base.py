@@ -26,7 +26,7 @@ from koala.data.dataset import ImageSplit
 from koala.errors import UpdateRejected
 from koala.models import InputSpec, model_entry
 from koala.seeding import derive_seed
-from koala.training import train_supervised, trained_samples
+from koala.training import train_supervised
 
 WorkKind = Literal["train", "inference"]
 
@@ -174,8 +174,8 @@ class Algorithm(ABC):
             labelled = self.server_data.labelled
             assert labelled is not None  # the config validator guarantees a labelled server set
             model = instantiate(arch, self.spec, state, self.device)
-            train_supervised(model, labelled, init.pretrain, derive_seed(self.config.seed, "pretrain"))
-            metrics.add_work(arch, "train", trained_samples(len(labelled), init.pretrain))
+            outcome = train_supervised(model, labelled, init.pretrain, derive_seed(self.config.seed, "pretrain"))
+            metrics.add_work(arch, "train", outcome.samples)
             return module_state(model)
         return state
 
@@ -190,6 +190,6 @@ def local_train(task: ClientTask, data: ImageSplit, config: ExperimentConfig, sp
     it runs. The model lives on the device the data is on.
     """
     model = instantiate(task.architecture, spec, task.state, data.images.device)
-    loss = train_supervised(model, data, config.client, seed)
-    metrics = {"train-loss": loss, "trained-samples": trained_samples(len(data), config.client)}
+    outcome = train_supervised(model, data, config.client, seed)
+    metrics = {"train-loss": outcome.loss, "trained-samples": outcome.samples}
     return ClientUpdate(task.client_id, task.architecture, module_state(model), len(data), metrics)

@@ -10,7 +10,7 @@ from koala.aggregate import ClientUpdate
 from koala.algorithms.base import Algorithm, RoundMetrics, ServerState
 from koala.algorithms.models import instantiate, module_state
 from koala.seeding import derive_seed
-from koala.training import train_supervised, trained_samples
+from koala.training import train_supervised
 
 
 class CentralisedLarge(Algorithm):
@@ -31,8 +31,7 @@ class CentralisedLarge(Algorithm):
         round_number, pooled = state.round + 1, self.server_data.pooled_clients
         model = instantiate(self.config.models.large, self.spec, state.large, self.device)
         with metrics.timed("train"):
-            metrics.values["train-loss"] = train_supervised(
-                model, pooled, self.config.client, derive_seed(self.config.seed, "centralised", round_number)
-            )
-        metrics.add_work(self.config.models.large, "train", trained_samples(len(pooled), self.config.client))
+            outcome = train_supervised(model, pooled, self.config.client, derive_seed(self.config.seed, "centralised", round_number))
+        metrics.values["train-loss"] = outcome.loss
+        metrics.add_work(self.config.models.large, "train", outcome.samples)
         return ServerState(round_number, module_state(model), {})

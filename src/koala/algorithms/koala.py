@@ -16,7 +16,7 @@ from koala.algorithms.base import Algorithm, RoundMetrics, ServerState
 from koala.algorithms.models import instantiate, module_state
 from koala.distill import fusion_rule, soft_targets
 from koala.seeding import derive_seed
-from koala.training import predict_logits, train_distill, trained_samples
+from koala.training import predict_logits, train_distill
 
 
 class Koala(Algorithm):
@@ -94,12 +94,13 @@ class Koala(Algorithm):
         distill = self.config.distill
         student = instantiate(self.config.models.large, self.spec, large, self.device)
         proxy = self.server_data.proxy_images
-        metrics.values["reverse-loss"] = train_distill(
+        outcome = train_distill(
             student, proxy, targets, distill.temperature, distill.reverse,
             derive_seed(self.config.seed, "reverse-distill", round_number),
             labels=self._proxy_labels(), ce_weight=distill.reverse_ce_weight, momentum=momentum,
         )
-        metrics.add_work(self.config.models.large, "train", trained_samples(len(proxy), distill.reverse))
+        metrics.values["reverse-loss"] = outcome.loss
+        metrics.add_work(self.config.models.large, "train", outcome.samples)
         return student
 
     def _proxy_labels(self) -> torch.Tensor | None:
@@ -122,12 +123,13 @@ class Koala(Algorithm):
         result = {}
         for arch, weights in small.items():
             student = instantiate(arch, self.spec, weights, self.device)
-            metrics.values[f"forward-loss:{arch}"] = train_distill(
+            outcome = train_distill(
                 student, proxy, targets, distill.temperature, distill.forward,
                 derive_seed(self.config.seed, "forward-distill", round_number, arch),
                 momentum=self._momentum(optimizers, f"forward:{arch}"),
             )
-            metrics.add_work(arch, "train", trained_samples(len(proxy), distill.forward))
+            metrics.values[f"forward-loss:{arch}"] = outcome.loss
+            metrics.add_work(arch, "train", outcome.samples)
             distilled = module_state(student)
             mix = distill.forward_mix
             result[arch] = distilled if mix == 1 else fedavg([distilled, weights], [mix, 1 - mix])
