@@ -1,11 +1,14 @@
-"""Benchmark: KOALA (both modes) against FedAvg-large and FedAvg-small on the same split and seeds.
+"""Benchmark: KOALA (both modes, paper-literal and one lever at a time) against the baselines, on
+the same split and seeds.
 
-Runs each config in configs/ for every seed with the local engine, then prints a Markdown table of
-final test accuracy (mean ± half the range over seeds) and client costs for benchmarks/RESULTS.md,
-and writes `koala report`'s per-run table and plots of the same runs to --report. The large model's
-round-0 accuracy in the KOALA runs is the server-only pretrained start.
+Each row is a config in configs/ plus overrides. Runs every row for every seed with the local
+engine, then prints a Markdown table of final test accuracy (mean ± half the range over seeds) and
+client and server costs for benchmarks/RESULTS.md, and writes `koala report`'s per-run table and
+plots of the same runs to --report. The large model's round-0 accuracy in the KOALA runs is the
+server-only pretrained start.
 
-    python benchmarks/baselines.py --seeds 0 1 --rounds 10 --out benchmarks/out --report benchmarks/figures
+    python benchmarks/baselines.py --seeds 0 1 --rounds 20 --out benchmarks/out --report benchmarks/figures
+    python benchmarks/baselines.py --rows paper-literal +ce fedavg-large --seeds 0 --rounds 10 --out /tmp/ab
 """
 
 from __future__ import annotations
@@ -21,17 +24,44 @@ from koala.report import write_report
 from koala.run_dir import SUMMARY_FILE, read_metrics
 
 CONFIGS = Path(__file__).resolve().parent.parent / "configs"
-METHODS = ["koala-homogeneous", "koala-heterogeneous", "fedavg-large", "fedavg-small"]
+HETEROGENEOUS = ["models.small=['lenet','shufflenetv2-0.5']", "models.small-shares=[0.5,0.5]"]
+LEVERS = {
+    "paper-literal": [],
+    "+ensemble": ["distill.teacher='ensemble'"],
+    "+ce": ["distill.reverse-ce-weight=1.0"],
+    "+momentum": ["distill.keep-optimizer-state=true"],
+    "+forward-mix": ["distill.forward-mix=0.5"],
+    "+early-stop": ["distill.reverse.epochs=5", "distill.reverse.holdout-fraction=0.1"],
+    "+warm-up": ["distill.forward-warmup-rounds=5"],
+}
+ROWS: dict[str, tuple[str, list[str]]] = {
+    "fedavg-large": ("fedavg-large", []),
+    "fedavg-small": ("fedavg-small", []),
+    "feddf": ("feddf", []),
+    "centralised": ("centralised", []),
+    "koala-homogeneous": ("koala-homogeneous", []),
+    "koala-heterogeneous": ("koala-heterogeneous", []),
+    **{lever: ("paper-literal", overrides) for lever, overrides in LEVERS.items()},
+    **{f"{lever} (het)": ("paper-literal", [*HETEROGENEOUS, *overrides]) for lever, overrides in LEVERS.items()},
+}
+DEFAULT_ROWS = ["koala-homogeneous", "koala-heterogeneous", "fedavg-large", "fedavg-small"]
 
 
-def run_all(methods: list[str], seeds: list[int], rounds: int, out: Path, overrides: list[str]) -> None:
-    for method in methods:
+def _run_dir(out: Path, row: str, seed: int) -> Path:
+    name = row.replace(" (het)", "-het").replace("+", "plus-")
+    return out / f"{name}-seed{seed}"
+
+
+def run_all(rows: list[str], seeds: list[int], rounds: int, out: Path, overrides: list[str]) -> None:
+    for row in rows:
+        config_name, row_overrides = ROWS[row]
         for seed in seeds:
-            run_dir = out / f"{method}-seed{seed}"
+            run_dir = _run_dir(out, row, seed)
             if (run_dir / SUMMARY_FILE).is_file():
                 print(f"{run_dir} exists, reusing it")
                 continue
-            config = load_config(CONFIGS / f"{method}.toml", [f"seed={seed}", f"rounds={rounds}", *overrides])
+            config = load_config(CONFIGS / f"{config_name}.toml",
+                                 [*row_overrides, f"seed={seed}", f"rounds={rounds}", *overrides])
             run_local(config, run_dir)
 
 
@@ -46,16 +76,18 @@ def _cell(values: list[float]) -> str:
 
 def table(methods: list[str], seeds: list[int], out: Path) -> str:
     summaries = {
-        (m, s): json.loads((out / f"{m}-seed{s}" / SUMMARY_FILE).read_text())
-        for m in methods for s in seeds if (out / f"{m}-seed{s}" / SUMMARY_FILE).is_file()
+        (m, s): json.loads((_run_dir(out, m, s) / SUMMARY_FILE).read_text())
+        for m in methods for s in seeds if (_run_dir(out, m, s) / SUMMARY_FILE).is_file()
     }
     rows = [
         "| method | large model (final) | large model (best round) | small model(s) | client TFLOPs / round "
-        "| client MB / round (down + up) | client storage saved vs FedAvg-large | wall time (s) |",
-        "|---|---|---|---|---|---|---|---|",
+        "| server TFLOPs / round | client MB / round (down + up) | client storage saved vs FedAvg-large | wall time (s) |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
-    pretrained = [v["start"]["large"]["accuracy"] for (m, _), v in summaries.items() if m == "koala-homogeneous"]
-    rows.append(f"| large model before federated training (pretrained on the server set) | {_cell(pretrained)} | – | – | – | – | – | – |")
+    pretrained = [v["start"]["large"]["accuracy"] for (m, _), v in summaries.items()
+                  if ROWS[m][0] != "fedavg-large" and "large" in v["start"]]
+    rows.append(f"| large model before federated training (pretrained on the server set) | {_cell(pretrained[:len(seeds)])} "
+                "| – | – | – | – | – | – | – |")
     for method in methods:
         runs = [summaries[(method, s)] for s in seeds if (method, s) in summaries]
         if not runs:
@@ -67,9 +99,11 @@ def table(methods: list[str], seeds: list[int], out: Path) -> str:
         wall = statistics.median(r["wall-time"] for r in runs)
         costs = [r for r in runs if "resources" in r]
         flops = _median_per_round(costs, lambda t: t["client-flops"] / 1e12, ".2f")
+        server = _median_per_round(costs, lambda t: t["server-flops"] / 1e12, ".2f")
         traffic = _median_per_round(costs, lambda t: (t["bytes-down"] + t["bytes-up"]) / 1e6, ".1f")
         saved = f"{100 * costs[0]['reductions-vs-fedavg-large']['storage']:.1f} %" if costs else "–"
-        rows.append(f"| {method} | {_cell(large)} | {_cell(best)} | {small or '–'} | {flops} | {traffic} | {saved} | {wall:.0f} |")
+        rows.append(f"| {method} | {_cell(large)} | {_cell(best)} | {small or '–'} | {flops} | {server} | {traffic} "
+                    f"| {saved} | {wall:.0f} |")
     return "\n".join(rows)
 
 
@@ -84,7 +118,7 @@ def accuracy_by_round(methods: list[str], seeds: list[int], out: Path) -> str:
     rows = []
     for method in methods:
         for seed in seeds:
-            path = out / f"{method}-seed{seed}"
+            path = _run_dir(out, method, seed)
             if not (path / SUMMARY_FILE).is_file():
                 continue
             lines = [line for line in read_metrics(path) if "eval" in line]
@@ -98,7 +132,8 @@ def accuracy_by_round(methods: list[str], seeds: list[int], out: Path) -> str:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--methods", nargs="+", default=METHODS, choices=METHODS)
+    parser.add_argument("--rows", nargs="+", default=DEFAULT_ROWS, choices=list(ROWS), metavar="ROW",
+                        help=f"rows to run (default: {' '.join(DEFAULT_ROWS)}); one of: {', '.join(ROWS)}")
     parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1])
     parser.add_argument("--rounds", type=int, default=20)
     parser.add_argument("--out", type=Path, default=Path("benchmarks/out"))
@@ -108,13 +143,13 @@ def main() -> None:
     parser.add_argument("--report", type=Path, default=None, help="also write koala report's table and plots here")
     args = parser.parse_args()
     if not args.table_only:
-        run_all(args.methods, args.seeds, args.rounds, args.out, args.set)
-    print(table(args.methods, args.seeds, args.out))
+        run_all(args.rows, args.seeds, args.rounds, args.out, args.set)
+    print(table(args.rows, args.seeds, args.out))
     if args.by_round:
         print()
-        print(accuracy_by_round(args.methods, args.seeds, args.out))
+        print(accuracy_by_round(args.rows, args.seeds, args.out))
     if args.report:
-        runs = [args.out / f"{m}-seed{s}" for m in args.methods for s in args.seeds]
+        runs = [_run_dir(args.out, m, s) for m in args.rows for s in args.seeds]
         target = write_report([run for run in runs if (run / SUMMARY_FILE).is_file()], args.report)
         print(f"\nwrote {target} and its plots")
 

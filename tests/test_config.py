@@ -34,7 +34,7 @@ def test_the_paper_literal_preset_pins_the_round_as_described() -> None:
     distill = config.distill
     assert config.algorithm == "koala" and distill.teacher == "averaged" and distill.reverse_ce_weight == 0
     assert distill.forward_warmup_rounds == 0 and distill.forward_mix == 1 and distill.forward.epochs == 1
-    assert distill.reverse.epochs == 1 and not distill.keep_optimizer_state
+    assert distill.reverse.epochs == 1 and not distill.keep_optimizer_state and distill.reverse_kd_scaling == "none"
 
 
 def test_kebab_case_file_and_round_trip(tmp_path: Path) -> None:

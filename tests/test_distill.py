@@ -14,8 +14,9 @@ from koala.distill import (
     fusion_names,
     fusion_rule,
     kd_loss,
-    kd_with_labels_loss,
+    labelled_cross_entropy,
     soft_targets,
+    teacher_quality_weight,
 )
 from koala.errors import ConfigError
 
@@ -101,12 +102,15 @@ def test_fusion_registry() -> None:
         fusion_rule("vote")
 
 
-def test_the_labelled_term_adds_weighted_cross_entropy_of_the_labelled_examples_only() -> None:
-    g = torch.Generator().manual_seed(0)
-    logits, teacher = torch.randn(4, 3, generator=g), torch.softmax(torch.randn(4, 3, generator=g), -1)
+def test_labelled_cross_entropy_averages_over_the_labelled_examples_only() -> None:
+    logits = torch.randn(4, 3, generator=torch.Generator().manual_seed(0))
     labels = torch.tensor([2, -1, 0, -1])
-    kd = kd_loss(logits, teacher, 2.0)
-    ce = (F.cross_entropy(logits[0:1], labels[0:1]) + F.cross_entropy(logits[2:3], labels[2:3])) / 2
-    assert kd_with_labels_loss(logits, teacher, 2.0, labels, 0.5).item() == pytest.approx((kd + 0.5 * ce).item(), rel=1e-6)
-    assert torch.equal(kd_with_labels_loss(logits, teacher, 2.0, labels, 0.0), kd)
-    assert torch.equal(kd_with_labels_loss(logits, teacher, 2.0, torch.full((4,), -1), 3.0), kd)  # no label known
+    expected = (F.cross_entropy(logits[0:1], labels[0:1]) + F.cross_entropy(logits[2:3], labels[2:3])) / 2
+    assert labelled_cross_entropy(logits, labels).item() == pytest.approx(expected.item(), rel=1e-6)
+    assert labelled_cross_entropy(logits, torch.full((4,), -1)).item() == 0.0  # no label known: no term
+
+
+def test_teacher_quality_weight() -> None:
+    assert teacher_quality_weight(0.4, 0.8) == pytest.approx(0.5)
+    assert teacher_quality_weight(0.9, 0.6) == 1.0  # a better teacher gets the full weight
+    assert teacher_quality_weight(0.3, 0.0) == 1.0

@@ -121,7 +121,7 @@ def test_the_cross_entropy_term_is_exactly_off_at_weight_zero_and_changes_traini
     assert not all(torch.equal(plain[k], on[k]) for k in plain)
 
 
-def test_labels_on_the_proxy_set_keep_a_pretrained_large_start(tmp_path: Path) -> None:
+def test_labels_on_the_proxy_set_or_teacher_quality_scaling_keep_a_pretrained_large_start(tmp_path: Path) -> None:
     # Untrained small teachers wipe out a pretrained large model in one round of pure KD; the
     # cross-entropy on the 300 labelled proxy images holds it (REFERENCES: 77.6 % -> 46.4 % without).
     base = [*DIGITS, "rounds=2", "client.epochs=1", "distill.temperature=3.0", "data.proxy-labelled=300",
@@ -129,12 +129,17 @@ def test_labels_on_the_proxy_set_keep_a_pretrained_large_start(tmp_path: Path) -
     experiment = _experiment(*base[len(DIGITS):])
     labelled, proxy = experiment.split.labelled_server, experiment.split.proxy_images
     assert torch.equal(labelled.images, proxy[:300])  # the labelled set is the head of the proxy set
-    runs = {w: run_local(load_config(QUICKSTART, [*base, f"distill.reverse-ce-weight={w}"]), tmp_path / str(w),
-                         echo=lambda _: None).metrics for w in (0, 1)}
-    start = runs[0][0]["eval"]["large"]["accuracy"]
+    variants = {"plain": [], "ce": ["distill.reverse-ce-weight=1.0"], "scaled": ["distill.reverse-kd-scaling='teacher-quality'"]}
+    runs = {name: run_local(load_config(QUICKSTART, [*base, *extra]), tmp_path / name, echo=lambda _: None).metrics
+            for name, extra in variants.items()}
+    start = runs["plain"][0]["eval"]["large"]["accuracy"]
     assert start > 0.7
-    assert _accuracy(runs[0], "large")[-1] < start - 0.3
-    assert _accuracy(runs[1], "large")[-1] > _accuracy(runs[0], "large")[-1] + 0.4
+    plain = _accuracy(runs["plain"], "large")[-1]
+    assert plain < start - 0.3
+    assert _accuracy(runs["ce"], "large")[-1] > plain + 0.4
+    # teacher-quality scaling: the untrained teachers get a small weight, and the start survives
+    assert runs["scaled"][1]["reverse-kd-weight"] < 0.5 and "reverse-kd-weight" not in runs["plain"][1]
+    assert _accuracy(runs["scaled"], "large")[-1] > plain + 0.4
 
 
 @pytest.mark.parametrize("mix", [0.0, 0.5])

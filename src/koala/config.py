@@ -168,6 +168,11 @@ class DistillConfig(_Section):
     keep_optimizer_state: bool = Field(
         False, description="carry the server's SGD momentum across rounds (reverse and forward distillation)"
     )
+    reverse_kd_scaling: Literal["none", "teacher-quality"] = Field(
+        "none",
+        description="teacher-quality: scale reverse KD by the teacher's accuracy over the large model's on the "
+        "labelled server set (at most 1), so weak teachers cannot wipe out a better (pretrained) large model",
+    )
     reverse_ce_weight: float = Field(
         0.0, ge=0, description="weight of cross-entropy on the labelled server set in reverse distillation (0 = off)"
     )
@@ -210,11 +215,14 @@ class ExperimentConfig(_Section):
                 f"models.assignment has {len(self.models.assignment)} entries but data.num-clients is "
                 f"{self.data.num_clients}; give one architecture per client"
             )
-        if self.distill.reverse_ce_weight > 0 and self.data.proxy_labelled == 0:
-            raise ValueError(
-                "distill.reverse-ce-weight > 0 needs a labelled server set: set data.proxy-labelled "
-                "to the number of proxy images the server has labels for"
-            )
+        for needs_labels, setting in ((self.distill.reverse_ce_weight > 0, "distill.reverse-ce-weight > 0"),
+                                      (self.distill.reverse_kd_scaling != "none", "distill.reverse-kd-scaling = "
+                                       f"'{self.distill.reverse_kd_scaling}'")):
+            if needs_labels and self.data.proxy_labelled == 0:
+                raise ValueError(
+                    f"{setting} needs a labelled server set: set data.proxy-labelled "
+                    "to the number of proxy images the server has labels for"
+                )
         if self.large_init.kind == "pretrain" and self.data.proxy_labelled == 0:
             raise ValueError(
                 "large-init.kind = 'pretrain' needs a labelled server set: set data.proxy-labelled "

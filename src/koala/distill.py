@@ -24,15 +24,18 @@ def kd_loss(student_logits: torch.Tensor, teacher_probs: torch.Tensor, temperatu
     return temperature**2 * F.kl_div(log_student, teacher_probs, reduction="batchmean")
 
 
-def kd_with_labels_loss(
-    student_logits: torch.Tensor, teacher_probs: torch.Tensor, temperature: float, labels: torch.Tensor, ce_weight: float
-) -> torch.Tensor:
-    """`kd_loss` on every example plus `ce_weight` times the mean cross-entropy over the examples
-    whose label is known (`labels` >= 0; -1 marks an unlabelled one). Computed without a host sync."""
+def labelled_cross_entropy(student_logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Mean cross-entropy over the examples whose label is known (`labels` >= 0; -1 marks an
+    unlabelled one), 0 when none is; computed without a host sync."""
     known = labels >= 0
     ce = F.cross_entropy(student_logits, labels.clamp(min=0), reduction="none")
-    labelled_ce = (ce * known).sum() / known.sum().clamp(min=1)
-    return kd_loss(student_logits, teacher_probs, temperature) + ce_weight * labelled_ce
+    return (ce * known).sum() / known.sum().clamp(min=1)
+
+
+def teacher_quality_weight(teacher_accuracy: float, student_accuracy: float) -> float:
+    """The reverse-KD weight that protects a better student from a weaker teacher: the teacher's
+    accuracy over the student's (both on the labelled server set), at most 1."""
+    return min(1.0, teacher_accuracy / max(student_accuracy, 1e-12))
 
 
 FusionRule = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]

@@ -15,7 +15,7 @@ from torch import nn
 
 from koala.config import DistillOptimizerConfig, OptimizerConfig
 from koala.data.dataset import ImageSplit
-from koala.distill import kd_loss, kd_with_labels_loss
+from koala.distill import kd_loss, labelled_cross_entropy
 from koala.seeding import derive_seed, seeded_torch
 
 BatchLoss = Callable[[torch.Tensor], torch.Tensor]
@@ -144,8 +144,9 @@ def train_distill(
     labels: torch.Tensor | None = None,
     ce_weight: float = 0.0,
     momentum: dict[str, torch.Tensor] | None = None,
+    kd_weight: float = 1.0,
 ) -> TrainOutcome:
-    """Distil fixed teacher soft targets into `student` with T²·KL.
+    """Distil fixed teacher soft targets into `student` with `kd_weight` × T²·KL.
 
     With `labels` (one per input, -1 where unknown) and `ce_weight` > 0, the examples with a known
     label add `ce_weight` times their cross-entropy. With `settings.holdout_fraction` > 0, a seeded
@@ -154,9 +155,12 @@ def train_distill(
     """
     def loss_on(idx: torch.Tensor) -> torch.Tensor:
         logits = student(inputs[idx])
-        if labels is None or ce_weight == 0:
-            return kd_loss(logits, teacher_probs[idx], temperature)
-        return kd_with_labels_loss(logits, teacher_probs[idx], temperature, labels[idx], ce_weight)
+        loss = kd_loss(logits, teacher_probs[idx], temperature)
+        if kd_weight != 1:
+            loss = kd_weight * loss
+        if labels is not None and ce_weight != 0:
+            loss = loss + ce_weight * labelled_cross_entropy(logits, labels[idx])
+        return loss
 
     held_out = round(settings.holdout_fraction * len(inputs))
     if held_out == 0:

@@ -14,9 +14,9 @@ import torch
 from koala.aggregate import ClientUpdate, GroupAggregate, StateDict, aggregate_by_architecture, fedavg
 from koala.algorithms.base import Algorithm, RoundMetrics, ServerState
 from koala.algorithms.models import instantiate, module_state
-from koala.distill import fusion_rule, soft_targets
+from koala.distill import fusion_rule, soft_targets, teacher_quality_weight
 from koala.seeding import derive_seed
-from koala.training import predict_logits, train_distill
+from koala.training import evaluate, predict_logits, train_distill
 
 
 class Koala(Algorithm):
@@ -94,14 +94,28 @@ class Koala(Algorithm):
         distill = self.config.distill
         student = instantiate(self.config.models.large, self.spec, large, self.device)
         proxy = self.server_data.proxy_images
+        kd_weight = 1.0
+        if distill.reverse_kd_scaling == "teacher-quality":
+            kd_weight = self._teacher_quality(targets, student, metrics)
+            metrics.values["reverse-kd-weight"] = kd_weight
         outcome = train_distill(
             student, proxy, targets, distill.temperature, distill.reverse,
             derive_seed(self.config.seed, "reverse-distill", round_number),
-            labels=self._proxy_labels(), ce_weight=distill.reverse_ce_weight, momentum=momentum,
+            labels=self._proxy_labels(), ce_weight=distill.reverse_ce_weight, momentum=momentum, kd_weight=kd_weight,
         )
         metrics.values["reverse-loss"] = outcome.loss
         metrics.add_work(self.config.models.large, "train", outcome.samples)
         return student
+
+    def _teacher_quality(self, targets: torch.Tensor, student: torch.nn.Module, metrics: RoundMetrics) -> float:
+        """`teacher_quality_weight` of the fused targets against the large model, on the labelled
+        server set (the head of the proxy set)."""
+        labelled = self.server_data.labelled
+        assert labelled is not None  # the config validator guarantees a labelled server set
+        teacher_accuracy = float((targets[: len(labelled)].argmax(1) == labelled.labels).float().mean())
+        student_accuracy = evaluate(student, labelled)["accuracy"]
+        metrics.add_work(self.config.models.large, "inference", len(labelled))
+        return teacher_quality_weight(teacher_accuracy, student_accuracy)
 
     def _proxy_labels(self) -> torch.Tensor | None:
         """One label per proxy image, -1 where the server has none (the labelled set is the first
