@@ -33,6 +33,7 @@ LEVERS = {
     "+forward-mix": ["distill.forward-mix=0.5"],
     "+early-stop": ["distill.reverse.epochs=5", "distill.reverse.holdout-fraction=0.1"],
     "+warm-up": ["distill.forward-warmup-rounds=5"],
+    "+kd-scaling": ["distill.reverse-kd-scaling='teacher-quality'"],
 }
 ROWS: dict[str, tuple[str, list[str]]] = {
     "fedavg-large": ("fedavg-large", []),
