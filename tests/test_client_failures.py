@@ -16,7 +16,8 @@ from koala.algorithms import ClientTask, RoundMetrics, ServerState, local_train
 from koala.config import load_config
 from koala.engine.local import local_dispatch
 from koala.engine.rounds import Replies, complete_round, run_experiment
-from koala.experiment import Experiment, prepare_experiment, unreachable_clients
+from koala.experiment import Experiment, prepare_experiment
+from koala.sampling import unreachable_clients
 from koala.seeding import derive_seed
 
 QUICKSTART = Path(__file__).parent.parent / "configs" / "quickstart.toml"

@@ -15,7 +15,6 @@ from koala.data.federated import FederatedSplit, make_federated_split
 from koala.data.sources import load_source
 from koala.errors import ConfigError
 from koala.models import InputSpec
-from koala.seeding import numpy_generator, torch_generator
 
 
 @dataclass(frozen=True)
@@ -66,18 +65,3 @@ def prepare_experiment(config: ExperimentConfig) -> Experiment:
     algorithm = make_algorithm(config, spec, server_data, device)
     costs = CostTable(spec, config.client.batch_size, momentum=config.client.momentum > 0)
     return Experiment(config, split, spec, algorithm, device, costs)
-
-
-def sample_clients(seed: int, round_number: int, num_clients: int, count: int) -> list[int]:
-    """The round's `count` clients: a seeded draw over the sorted client ids, returned sorted."""
-    order = torch.randperm(num_clients, generator=torch_generator(seed, "sample", round_number))
-    return sorted(order[:count].tolist())
-
-
-def unreachable_clients(seed: int, round_number: int, clients: list[int], probability: float) -> list[int]:
-    """The sampled clients that drop out of the round (simulated failures): each independently with
-    `probability`, from a stream of its own, so dropout never shifts sampling or training."""
-    if probability == 0:
-        return []
-    draws = numpy_generator(seed, "dropout", round_number).random(len(clients))
-    return [cid for cid, draw in zip(clients, draws) if draw < probability]

@@ -25,6 +25,7 @@ from koala.config import ExperimentConfig
 from koala.data.dataset import ImageSplit
 from koala.errors import UpdateRejected
 from koala.models import InputSpec, model_entry
+from koala.sampling import sample_clients
 from koala.seeding import derive_seed
 from koala.training import train_supervised
 
@@ -90,8 +91,6 @@ class Algorithm(ABC):
     """The round logic of one federated method."""
 
     name: str
-    federated = True
-    """False for a method without clients (the centralised upper bound): no round asks any client."""
     pools_client_data = False
     """True for a method that trains on the clients' pooled data (`ServerData.pooled_clients`)."""
 
@@ -116,6 +115,13 @@ class Algorithm(ABC):
     def client_weights(self, state: ServerState, client_id: int) -> StateDict:
         """The current weights of the model that `client_id` trains (by default its small model)."""
         return state.small[self.client_architecture(client_id)]
+
+    def round_clients(self, round_number: int) -> list[int]:
+        """The clients asked in `round_number`: a seeded draw of `client.participation` of them."""
+        config = self.config
+        return sample_clients(
+            config.seed, round_number, config.data.num_clients, config.client.clients_per_round(config.data.num_clients)
+        )
 
     def client_task(self, state: ServerState, client_id: int) -> ClientTask:
         return ClientTask(client_id, self.client_architecture(client_id), self.client_weights(state, client_id))

@@ -17,11 +17,13 @@ class CentralisedLarge(Algorithm):
     """The large model trained on the pooled client data, on the server."""
 
     name = "centralised"
-    federated = False
     pools_client_data = True
 
     def client_architecture(self, client_id: int) -> str:
         return self.config.models.large
+
+    def round_clients(self, round_number: int) -> list[int]:
+        return []
 
     def initial_state(self, metrics: RoundMetrics) -> ServerState:
         return ServerState(round=0, large=self.initial_large_state(metrics), small={})

@@ -16,8 +16,9 @@ from koala.algorithms import ClientTask, RoundMetrics, ServerState
 from koala.checkpoint import CHECKPOINT_FILE, Checkpoint, load_checkpoint, save_checkpoint
 from koala.config import config_to_toml
 from koala.errors import ConfigError, UpdateRejected
-from koala.experiment import Experiment, sample_clients, unreachable_clients
+from koala.experiment import Experiment
 from koala.run_dir import CONFIG_FILE, METRICS_FILE, RESOURCES_FILE, SUMMARY_FILE, RunDirectory, default_run_dir
+from koala.sampling import unreachable_clients
 from koala.seeding import GlobalRngState
 
 Echo = Callable[[str], None]
@@ -67,14 +68,14 @@ class RunResult:
 
 def complete_round(experiment: Experiment, state: ServerState, clients: list[int], replies: Replies) -> tuple[ServerState, dict[str, Any]]:
     """Validate the replies and run the server step; a round with fewer accepted updates than
-    `client.min-replies` leaves the server's models as they were."""
+    `client.min-replies` (or than the clients asked, where a method asks fewer, as the centralised
+    one asks none) leaves the server's models as they were."""
     config, algorithm = experiment.config, experiment.algorithm
     metrics = RoundMetrics()
     failed = {failure["client"] for failure in replies.failures}
     accepted = algorithm.accept_updates(state, [c for c in clients if c not in failed], replies.updates, metrics)
     line: dict[str, Any] = {"round": state.round + 1, "clients": len(clients), "accepted": len(accepted)}
-    min_replies = config.client.min_replies if algorithm.federated else 0
-    if len(accepted) >= min_replies:
+    if len(accepted) >= min(config.client.min_replies, len(clients)):
         with metrics.timed("server"):
             state = algorithm.server_round(state, accepted, metrics)
     else:
@@ -99,12 +100,11 @@ def play_round(experiment: Experiment, dispatch: Dispatch, state: ServerState) -
     others' tasks, complete the round and evaluate when due."""
     config, round_number = experiment.config, state.round + 1
     round_start = time.perf_counter()
-    clients = sample_clients(
-        config.seed, round_number, config.data.num_clients, config.client.clients_per_round(config.data.num_clients)
-    ) if experiment.algorithm.federated else []
+    clients = experiment.algorithm.round_clients(round_number)
     dropped = unreachable_clients(config.seed, round_number, clients, config.client.dropout_probability)
+    unreachable = set(dropped)
     client_start = time.perf_counter()
-    replies = dispatch(state, [cid for cid in clients if cid not in dropped], round_number)
+    replies = dispatch(state, [cid for cid in clients if cid not in unreachable], round_number)
     client_time = time.perf_counter() - client_start
     for cid in dropped:
         replies.fail(cid, f"unreachable this round (simulated: client.dropout-probability = {config.client.dropout_probability:g})")
