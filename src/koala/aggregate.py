@@ -68,12 +68,11 @@ def validate_metrics(client_id: int, metrics: Mapping[str, object]) -> None:
 def update_distance(update: ClientUpdate, reference: Mapping[str, torch.Tensor]) -> float:
     """L2 norm of the update's change to `reference`, over every floating-point tensor (weights and
     BatchNorm statistics; integer counters are left out), summed in float64."""
-    total = torch.zeros((), dtype=torch.float64)
-    for name, ref in reference.items():
-        if ref.is_floating_point():
-            sent = update.state[name].to(torch.float64)
-            total += (sent - ref.to(sent.device, torch.float64)).square().sum().cpu()
-    return float(total.sqrt())
+    squares = [
+        (update.state[name].to(torch.float64) - ref.to(update.state[name].device, torch.float64)).square().sum()
+        for name, ref in reference.items() if ref.is_floating_point()
+    ]
+    return float(torch.stack(squares).sum().sqrt()) if squares else 0.0
 
 
 def clip_update(update: ClientUpdate, reference: Mapping[str, torch.Tensor], max_norm: float) -> ClientUpdate:
