@@ -17,8 +17,7 @@ from koala.algorithms import ServerState
 from koala.checkpoint import CHECKPOINT_FILE, Checkpoint, load_checkpoint, save_checkpoint
 from koala.cli import main
 from koala.config import config_to_toml, load_config
-from koala.engine.local import local_dispatch, run_local
-from koala.engine.rounds import run_experiment
+from koala.engine.local import run_local
 from koala.errors import CheckpointError
 from koala.experiment import prepare_experiment
 from koala.run_dir import (
@@ -32,6 +31,8 @@ from koala.run_dir import (
     without_times,
 )
 from koala.seeding import GlobalRngState
+
+from interruption import interrupt_run
 
 QUICKSTART = Path(__file__).parent.parent / "configs" / "quickstart.toml"
 DIGITS = ["data.dataset='digits'", "data.train-limit=0", "data.test-limit=0", "data.min-client-size=20",
@@ -100,17 +101,8 @@ def test_a_run_killed_mid_round_resumes_bit_identically(tmp_path: Path) -> None:
 def test_an_interrupted_run_is_marked_failed_and_resumes_without_stale_lines(tmp_path: Path) -> None:
     config = load_config(QUICKSTART, SMALL_RUN)
     reference = run_local(config, tmp_path / "reference", echo=_quiet)
-    experiment = prepare_experiment(config)
-    clients = local_dispatch(experiment)
-
-    def interrupted_in_round_3(state, sampled, round_number):
-        if round_number == 3:
-            raise KeyboardInterrupt
-        return clients(state, sampled, round_number)
-
     run = tmp_path / "run"
-    with pytest.raises(KeyboardInterrupt):
-        run_experiment(experiment, interrupted_in_round_3, run, echo=_quiet)
+    interrupt_run(config, run, round_number=3)
     status = _status(run)
     assert status["status"] == "failed" and status["error"].startswith("KeyboardInterrupt")
     assert status["resume"] == f"koala run --resume {run}"

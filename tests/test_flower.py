@@ -30,11 +30,12 @@ from koala.algorithms import ClientTask  # noqa: E402
 from koala.config import load_config  # noqa: E402
 from koala.engine.flower.client_app import _check_partition, node_partition  # noqa: E402
 from koala.engine.flower.messages import read_reply, read_train, reply_content, train_content  # noqa: E402
-from koala.engine.local import local_dispatch, run_local  # noqa: E402
-from koala.engine.rounds import Replies, run_experiment  # noqa: E402
+from koala.engine.local import run_local  # noqa: E402
+from koala.engine.rounds import Replies  # noqa: E402
 from koala.errors import ConfigError, UpdateRejected  # noqa: E402
-from koala.experiment import prepare_experiment  # noqa: E402
 from koala.run_dir import read_metrics, without_times  # noqa: E402
+
+from interruption import interrupt_run  # noqa: E402
 
 APP = Path(__file__).resolve().parent.parent / "flower-app"
 BIN = Path(sys.executable).parent
@@ -287,16 +288,7 @@ def test_flower_simulation_resumes_a_run_from_its_checkpoint(tmp_path: Path) -> 
     from koala.engine.flower.simulation import run_flower_simulation
 
     reference = run_local(config, tmp_path / "reference", echo=lambda _: None)
-    experiment = prepare_experiment(config)
-    clients = local_dispatch(experiment)
-
-    def stop_in_round_2(state, sampled, round_number):
-        if round_number == 2:
-            raise KeyboardInterrupt
-        return clients(state, sampled, round_number)
-
-    with pytest.raises(KeyboardInterrupt):
-        run_experiment(experiment, stop_in_round_2, tmp_path / "run", echo=lambda _: None)
+    interrupt_run(config, tmp_path / "run", round_number=2)
     resumed = run_flower_simulation(config, tmp_path / "run", echo=lambda _: None, resume=True)
     assert without_times(resumed.metrics) == without_times(reference.metrics)
     assert any(line.get("failed") for line in reference.metrics)
