@@ -85,9 +85,9 @@ def table(methods: list[str], seeds: list[int], out: Path) -> str:
         "| server TFLOPs / round | client MB / round (down + up) | client storage saved vs FedAvg-large | wall time (s) |",
         "|---|---|---|---|---|---|---|---|---|",
     ]
-    pretrained = [v["start"]["large"]["accuracy"] for (m, _), v in summaries.items()
-                  if ROWS[m][0] != "fedavg-large" and "large" in v["start"]]
-    rows.append(f"| large model before federated training (pretrained on the server set) | {_cell(pretrained[:len(seeds)])} "
+    # every row of a seed starts from the same pretrained large model: one value per seed
+    pretrained = {seed: v["start"]["large"]["accuracy"] for (_, seed), v in summaries.items() if "large" in v["start"]}
+    rows.append(f"| large model before federated training (pretrained on the server set) | {_cell(list(pretrained.values()))} "
                 "| – | – | – | – | – | – | – |")
     for method in methods:
         runs = [summaries[(method, s)] for s in seeds if (method, s) in summaries]
