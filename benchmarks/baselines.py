@@ -34,6 +34,8 @@ LEVERS = {
     "+early-stop": ["distill.reverse.epochs=5", "distill.reverse.holdout-fraction=0.1"],
     "+warm-up": ["distill.forward-warmup-rounds=5"],
     "+kd-scaling": ["distill.reverse-kd-scaling='teacher-quality'"],
+    "+augment": [f"distill.{d}.{k}" for d in ("reverse", "forward") for k in ("flip=true", "max-shift=2")],
+    "+cosine": [f"distill.{d}.lr-schedule='cosine'" for d in ("reverse", "forward")],
 }
 ROWS: dict[str, tuple[str, list[str]]] = {
     "fedavg-large": ("fedavg-large", []),
@@ -44,12 +46,15 @@ ROWS: dict[str, tuple[str, list[str]]] = {
     "koala-heterogeneous": ("koala-heterogeneous", []),
     **{lever: ("paper-literal", overrides) for lever, overrides in LEVERS.items()},
     **{f"{lever} (het)": ("paper-literal", [*HETEROGENEOUS, *overrides]) for lever, overrides in LEVERS.items()},
+    # a lever on top of the shipped defaults, to find the best combination
+    **{f"{config} {lever}": (config, overrides) for config in ("koala-homogeneous", "koala-heterogeneous")
+       for lever, overrides in LEVERS.items() if lever != "paper-literal"},
 }
 DEFAULT_ROWS = ["koala-homogeneous", "koala-heterogeneous", "fedavg-large", "fedavg-small"]
 
 
 def _run_dir(out: Path, row: str, seed: int) -> Path:
-    name = row.replace(" (het)", "-het").replace("+", "plus-")
+    name = row.replace(" (het)", "-het").replace("+", "plus-").replace(" ", "-")
     return out / f"{name}-seed{seed}"
 
 

@@ -94,6 +94,9 @@ class OptimizerConfig(_Section):
     lr: float = Field(0.01, gt=0)
     momentum: float = Field(0.9, ge=0, lt=1)
     weight_decay: float = Field(0.0, ge=0)
+    lr_schedule: Literal["constant", "cosine"] = Field(
+        "constant", description="cosine: the learning rate falls from lr to 0 over the steps of each training call"
+    )
 
 
 class DistillOptimizerConfig(OptimizerConfig):
@@ -104,6 +107,15 @@ class DistillOptimizerConfig(OptimizerConfig):
         description="share of the proxy set held out to stop early on its KD loss (0 = off; epochs is then the most)",
     )
     patience: int = Field(2, ge=1, description="epochs without a better held-out loss before stopping")
+    flip: bool = Field(False, description="augment proxy batches with random horizontal flips (the teacher sees the same view)")
+    max_shift: int = Field(
+        0, ge=0, description="augment proxy batches with random shifts of up to this many pixels (0 = off)"
+    )
+
+    @property
+    def augments(self) -> bool:
+        """Whether the proxy batches are augmented (the teacher then runs on every batch's view)."""
+        return self.flip or self.max_shift > 0
 
 
 class PretrainConfig(OptimizerConfig):

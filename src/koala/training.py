@@ -12,7 +12,9 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.optim.lr_scheduler import CosineAnnealingLR, LRScheduler
 
+from koala.augment import flip_and_shift
 from koala.config import DistillOptimizerConfig, OptimizerConfig
 from koala.data.dataset import ImageSplit
 from koala.distill import kd_loss, labelled_cross_entropy
@@ -73,6 +75,7 @@ def sgd_train(
     )
     for name, buffer in (momentum or {}).items():
         optimizer.state[parameters[name]]["momentum_buffer"] = buffer.clone()
+    schedule = _lr_schedule(optimizer, settings, num_examples)
     order = torch.Generator().manual_seed(seed)
     processed = 0
     with seeded_torch(seed, "layers", device=device):
@@ -85,6 +88,8 @@ def sgd_train(
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
                 optimizer.step()
+                if schedule is not None:
+                    schedule.step()
                 total += loss.detach() * len(batch)
                 seen += len(batch)
             processed += seen
@@ -97,6 +102,14 @@ def sgd_train(
             for name, p in parameters.items() if optimizer.state[p].get("momentum_buffer") is not None
         })
     return TrainOutcome(float(total / max(seen, 1)), processed)
+
+
+def _lr_schedule(optimizer: torch.optim.Optimizer, settings: OptimizerConfig, num_examples: int) -> LRScheduler | None:
+    """The per-step learning-rate schedule of one training call (None for a constant rate)."""
+    if settings.lr_schedule == "constant":
+        return None
+    steps_per_epoch = -(-samples_per_epoch(num_examples, settings.batch_size) // settings.batch_size)
+    return CosineAnnealingLR(optimizer, T_max=max(settings.epochs * steps_per_epoch, 1))
 
 
 def train_supervised(model: nn.Module, data: ImageSplit, settings: OptimizerConfig, seed: int) -> TrainOutcome:
@@ -134,10 +147,14 @@ class EarlyStopping:
         self.model.load_state_dict(self.best_state)
 
 
+Teacher = Callable[[torch.Tensor], torch.Tensor]
+"""images -> the teacher's soft targets on them (computed without gradients)."""
+
+
 def train_distill(
     student: nn.Module,
     inputs: torch.Tensor,
-    teacher_probs: torch.Tensor,
+    teacher: torch.Tensor | Teacher,
     temperature: float,
     settings: DistillOptimizerConfig,
     seed: int,
@@ -146,16 +163,30 @@ def train_distill(
     momentum: dict[str, torch.Tensor] | None = None,
     kd_weight: float = 1.0,
 ) -> TrainOutcome:
-    """Distil fixed teacher soft targets into `student` with `kd_weight` × T²·KL.
+    """Distil a teacher's soft targets into `student` with `kd_weight` × T²·KL.
 
+    `teacher` is either its soft targets on `inputs` (N, C) or a function of images; a function is
+    asked once for all of `inputs`, or, when `settings` augment the batches, on every batch's view,
+    so that teacher and student see the same images.
     With `labels` (one per input, -1 where unknown) and `ce_weight` > 0, the examples with a known
     label add `ce_weight` times their cross-entropy. With `settings.holdout_fraction` > 0, a seeded
     slice of the inputs is held out and training stops early on its KD loss (`EarlyStopping`).
     `momentum` is as in `sgd_train`.
     """
+    online = settings.augments
+    if online and not callable(teacher):
+        raise ValueError("augmented distillation needs the teacher as a function of images, not fixed targets")
+    fixed_targets = None if online else (teacher(inputs) if callable(teacher) else teacher)
+    views = torch.Generator(device=inputs.device).manual_seed(derive_seed(seed, "augment"))
+
     def loss_on(idx: torch.Tensor) -> torch.Tensor:
-        logits = student(inputs[idx])
-        loss = kd_loss(logits, teacher_probs[idx], temperature)
+        if online:
+            batch = flip_and_shift(inputs[idx], views, settings.flip, settings.max_shift)
+            targets = teacher(batch)
+        else:
+            batch, targets = inputs[idx], fixed_targets[idx]
+        logits = student(batch)
+        loss = kd_loss(logits, targets, temperature)
         if kd_weight != 1:
             loss = kd_weight * loss
         if labels is not None and ce_weight != 0:
@@ -168,9 +199,10 @@ def train_distill(
     order = torch.randperm(len(inputs), generator=torch.Generator().manual_seed(derive_seed(seed, "holdout")))
     order = order.to(inputs.device)
     held, kept = order[:held_out], order[held_out:]
+    held_targets = teacher(inputs[held]) if online else fixed_targets[held]
     stopper = EarlyStopping(
         student,
-        lambda: float(kd_loss(predict_logits(student, inputs[held]), teacher_probs[held], temperature)),
+        lambda: float(kd_loss(predict_logits(student, inputs[held]), held_targets, temperature)),
         settings.patience,
     )
     outcome = sgd_train(student, len(kept), lambda idx: loss_on(kept[idx]), settings, seed, momentum, stopper)

@@ -6,7 +6,7 @@ Homogeneous mode is the special case of a single small architecture.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import replace
 
 import torch
@@ -16,7 +16,7 @@ from koala.algorithms.base import Algorithm, RoundMetrics, ServerState
 from koala.algorithms.models import instantiate, module_state
 from koala.distill import fusion_rule, soft_targets, teacher_quality_weight
 from koala.seeding import derive_seed
-from koala.training import evaluate, predict_logits, train_distill
+from koala.training import Teacher, evaluate, predict_logits, train_distill
 
 
 class Koala(Algorithm):
@@ -48,8 +48,12 @@ class Koala(Algorithm):
         # fresh dicts: the momentum of the round before stays as it was in `state`
         optimizers = {role: dict(buffers) for role, buffers in state.optimizers.items()}
         with metrics.timed("reverse-distill"):
-            targets = self.teacher_targets(updates, groups, metrics)
-            large_model = self._reverse_distill(state.large, targets, round_number, metrics, self._momentum(optimizers, "reverse"))
+            # augmented batches need the teacher on every view; otherwise its targets once
+            if self.config.distill.reverse.augments:
+                teacher = self.reverse_teacher(updates, groups, metrics)
+            else:
+                teacher = self.teacher_targets(updates, groups, metrics)
+            large_model = self._reverse_distill(state.large, teacher, round_number, metrics, self._momentum(optimizers, "reverse"))
         with metrics.timed("forward-distill"):
             if self.forward_distills(round_number):
                 small = self._forward_distill(large_model, small, round_number, metrics, optimizers)
@@ -74,20 +78,40 @@ class Koala(Algorithm):
         """The fused soft targets of the round's teachers on the proxy set: per architecture, the
         logits of its averaged model, or the mean logits of its clients' models (one model is
         built at a time); then the architectures' softened outputs are fused."""
-        temperature, proxy = self.config.distill.temperature, self.server_data.proxy_images
+        members = {arch: self._built(arch, states) for arch, states in self._teacher_weights(updates, groups).items()}
+        return self._fused_probs(members, self.server_data.proxy_images, groups, metrics)
+
+    def reverse_teacher(self, updates: Sequence[ClientUpdate], groups: dict[str, GroupAggregate], metrics: RoundMetrics) -> Teacher:
+        """The same fused teacher as `teacher_targets`, as a function of any images (augmented
+        views); its models are built once and held for the round."""
+        members = {arch: list(self._built(arch, states)) for arch, states in self._teacher_weights(updates, groups).items()}
+        return lambda images: self._fused_probs(members, images, groups, metrics)
+
+    def _teacher_weights(self, updates: Sequence[ClientUpdate], groups: dict[str, GroupAggregate]) -> dict[str, list[StateDict]]:
+        """Per architecture, the weights that teach: its averaged model, or each of its clients' models."""
+        if self.teacher == "ensemble":
+            return {arch: [u.state for u in updates if u.architecture == arch] for arch in groups}
+        return {arch: [group.state] for arch, group in groups.items()}
+
+    def _built(self, arch: str, states: list[StateDict]) -> Iterator[torch.nn.Module]:
+        return (instantiate(arch, self.spec, weights, self.device) for weights in states)
+
+    def _fused_probs(
+        self, members: dict[str, Iterable[torch.nn.Module]], images: torch.Tensor, groups: dict[str, GroupAggregate],
+        metrics: RoundMetrics,
+    ) -> torch.Tensor:
         probs = []
-        for arch, group in groups.items():
-            members = [u.state for u in updates if u.architecture == arch] if self.teacher == "ensemble" else [group.state]
-            logits = torch.zeros(())
-            for weights in members:
-                logits = logits + predict_logits(instantiate(arch, self.spec, weights, self.device), proxy)
-                metrics.add_work(arch, "inference", len(proxy))
-            probs.append(soft_targets(logits / len(members), temperature))
-        counts = torch.tensor([g.num_examples for g in groups.values()], device=proxy.device)
+        for arch, models in members.items():
+            logits, count = torch.zeros(()), 0
+            for model in models:
+                logits, count = logits + predict_logits(model, images), count + 1
+                metrics.add_work(arch, "inference", len(images))
+            probs.append(soft_targets(logits / count, self.config.distill.temperature))
+        counts = torch.tensor([g.num_examples for g in groups.values()], device=images.device)
         return self.fuse(torch.stack(probs), counts)
 
     def _reverse_distill(
-        self, large: StateDict | None, targets: torch.Tensor, round_number: int, metrics: RoundMetrics,
+        self, large: StateDict | None, teacher: torch.Tensor | Teacher, round_number: int, metrics: RoundMetrics,
         momentum: StateDict | None,
     ) -> torch.nn.Module:
         assert large is not None
@@ -96,10 +120,10 @@ class Koala(Algorithm):
         proxy = self.server_data.proxy_images
         kd_weight = 1.0
         if distill.reverse_kd_scaling == "teacher-quality":
-            kd_weight = self._teacher_quality(targets, student, metrics)
+            kd_weight = self._teacher_quality(teacher, student, metrics)
             metrics.values["reverse-kd-weight"] = kd_weight
         outcome = train_distill(
-            student, proxy, targets, distill.temperature, distill.reverse,
+            student, proxy, teacher, distill.temperature, distill.reverse,
             derive_seed(self.config.seed, "reverse-distill", round_number),
             labels=self._proxy_labels(), ce_weight=distill.reverse_ce_weight, momentum=momentum, kd_weight=kd_weight,
         )
@@ -107,11 +131,12 @@ class Koala(Algorithm):
         metrics.add_work(self.config.models.large, "train", outcome.samples)
         return student
 
-    def _teacher_quality(self, targets: torch.Tensor, student: torch.nn.Module, metrics: RoundMetrics) -> float:
-        """`teacher_quality_weight` of the fused targets against the large model, on the labelled
+    def _teacher_quality(self, teacher: torch.Tensor | Teacher, student: torch.nn.Module, metrics: RoundMetrics) -> float:
+        """`teacher_quality_weight` of the fused teacher against the large model, on the labelled
         server set (the head of the proxy set)."""
         labelled = self.server_data.labelled
         assert labelled is not None  # the config validator guarantees a labelled server set
+        targets = teacher(labelled.images) if callable(teacher) else teacher
         teacher_accuracy = float((targets[: len(labelled)].argmax(1) == labelled.labels).float().mean())
         student_accuracy = evaluate(student, labelled)["accuracy"]
         metrics.add_work(self.config.models.large, "inference", len(labelled))
@@ -132,8 +157,13 @@ class Koala(Algorithm):
         optimizers: dict[str, StateDict],
     ) -> dict[str, StateDict]:
         distill, proxy = self.config.distill, self.server_data.proxy_images
-        targets = soft_targets(predict_logits(large_model, proxy), distill.temperature)
-        metrics.add_work(self.config.models.large, "inference", len(proxy))
+
+        def teacher(images: torch.Tensor) -> torch.Tensor:
+            metrics.add_work(self.config.models.large, "inference", len(images))
+            return soft_targets(predict_logits(large_model, images), distill.temperature)
+
+        # unaugmented, the large model's targets are computed once for every small architecture
+        targets = teacher if distill.forward.augments else teacher(proxy)
         result = {}
         for arch, weights in small.items():
             student = instantiate(arch, self.spec, weights, self.device)
