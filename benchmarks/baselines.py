@@ -16,11 +16,15 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
+from itertools import accumulate
 from pathlib import Path
+
+import matplotlib.pyplot as plt
+import numpy as np
 
 from koala.config import load_config
 from koala.engine.local import run_local
-from koala.report import write_report
+from koala.report import load_run, write_report
 from koala.run_dir import SUMMARY_FILE, read_metrics
 
 CONFIGS = Path(__file__).resolve().parent.parent / "configs"
@@ -136,6 +140,40 @@ def accuracy_by_round(methods: list[str], seeds: list[int], out: Path) -> str:
     return "\n".join([header, "|" + "---|" * (width + 2), *rows])
 
 
+def plot_rows(rows: list[str], seeds: list[int], out: Path, path: Path) -> None:
+    """One figure, two panels: each row's headline accuracy (the large model, else the small one,
+    dashed) by round and against the clients' cumulative training FLOPs; the line is the mean over
+    seeds, the band their range. Rows without client training (centralised) are left out of the
+    FLOPs panel, which is logarithmic."""
+    fig, (by_round, by_flops) = plt.subplots(1, 2, figsize=(15, 6))
+    for row in rows:
+        runs = [load_run(run) for seed in seeds if ((run := _run_dir(out, row, seed)) / SUMMARY_FILE).is_file()]
+        if not runs:
+            continue
+        model = runs[0].headline_models()[0]
+        rounds = [r for r, _ in runs[0].accuracy(model)]
+        accuracy = np.array([[100 * a for _, a in run.accuracy(model)] for run in runs])
+        style = {"linestyle": "-" if model == "large" else "--", "marker": "o", "markersize": 2}
+        label = row if model == "large" else f"{row} ({model})"
+        (line,) = by_round.plot(rounds, accuracy.mean(0), label=label, **style)
+        by_round.fill_between(rounds, accuracy.min(0), accuracy.max(0), color=line.get_color(), alpha=0.15)
+        spent = np.array([[0.0, *accumulate(r["client-flops"] for r in run.round_resources().values())] for run in runs])
+        if spent[:, -1].min() > 0:
+            flops = spent.mean(0)[1:]
+            by_flops.plot(flops, accuracy.mean(0)[1:], color=line.get_color(), label=label, **style)
+            by_flops.fill_between(flops, accuracy.min(0)[1:], accuracy.max(0)[1:], color=line.get_color(), alpha=0.15)
+    by_round.set(xlabel="round", ylabel="test accuracy (%)", title="Accuracy by round (round 0: the start)")
+    by_flops.set(xscale="log", xlabel="cumulative client training FLOPs", ylabel="test accuracy (%)",
+                 title="Accuracy against client compute")
+    for ax in (by_round, by_flops):
+        ax.grid(True, alpha=0.3)
+    by_round.legend(fontsize=7, loc="lower right")
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--rows", nargs="+", default=DEFAULT_ROWS, choices=list(ROWS), metavar="ROW",
@@ -147,6 +185,7 @@ def main() -> None:
     parser.add_argument("--table-only", action="store_true", help="only print the table of existing runs")
     parser.add_argument("--by-round", action="store_true", help="also print the large model's accuracy by round")
     parser.add_argument("--report", type=Path, default=None, help="also write koala report's table and plots here")
+    parser.add_argument("--plot", type=Path, default=None, help="also plot every row's accuracy (mean over seeds) to this PNG")
     args = parser.parse_args()
     if not args.table_only:
         run_all(args.rows, args.seeds, args.rounds, args.out, args.set)
@@ -154,6 +193,9 @@ def main() -> None:
     if args.by_round:
         print()
         print(accuracy_by_round(args.rows, args.seeds, args.out))
+    if args.plot:
+        plot_rows(args.rows, args.seeds, args.out, args.plot)
+        print(f"\nwrote {args.plot}")
     if args.report:
         runs = [_run_dir(args.out, m, s) for m in args.rows for s in args.seeds]
         target = write_report([run for run in runs if (run / SUMMARY_FILE).is_file()], args.report)
