@@ -151,6 +151,11 @@ class ClientConfig(OptimizerConfig):
     max_update_norm: float = Field(
         0.0, ge=0, description="clip an update's L2 distance from the model it was sent to this norm (0 = off)"
     )
+    vectorised: bool = Field(
+        False,
+        description="local engine: train the round's clients of each architecture together (stacked models, "
+        "vmap), with the same updates as one after another within float tolerance",
+    )
 
     def clients_per_round(self, num_clients: int) -> int:
         """How many clients a round samples."""

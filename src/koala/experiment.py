@@ -14,7 +14,8 @@ from koala.config import ExperimentConfig
 from koala.data.federated import FederatedSplit, make_federated_split
 from koala.data.sources import load_source
 from koala.errors import ConfigError
-from koala.models import InputSpec
+from koala.models import InputSpec, build_model
+from koala.vectorised import require_vectorisable
 
 
 @dataclass(frozen=True)
@@ -63,5 +64,8 @@ def prepare_experiment(config: ExperimentConfig) -> Experiment:
     pooled = split.client_pool.subset(torch.cat(split.client_indices)) if algorithm_class(config).pools_client_data else None
     server_data = ServerData(split.proxy_images, split.labelled_server, split.test, pooled)
     algorithm = make_algorithm(config, spec, server_data, device)
+    if config.client.vectorised and not algorithm.pools_client_data:
+        for architecture in sorted({algorithm.client_architecture(c) for c in range(split.num_clients)}):
+            require_vectorisable(build_model(architecture, spec), architecture)
     costs = CostTable(spec, config.client.batch_size, momentum=config.client.momentum > 0)
     return Experiment(config, split, spec, algorithm, device, costs)

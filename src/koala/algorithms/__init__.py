@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import torch
 
-from koala.algorithms.base import Algorithm, ClientTask, RoundMetrics, ServerData, ServerState, local_train
+from koala.algorithms.base import (
+    Algorithm, ClientTask, RoundMetrics, ServerData, ServerState, local_train, vectorised_local_train,
+)
 from koala.algorithms.centralised import CentralisedLarge
 from koala.algorithms.fedavg import FedAvgLarge, FedAvgSmall
 from koala.algorithms.koala import FedDF, Koala
@@ -26,5 +28,5 @@ def make_algorithm(config: ExperimentConfig, spec: InputSpec, server_data: Serve
 
 __all__ = [
     "ALGORITHMS", "Algorithm", "ClientTask", "RoundMetrics", "ServerData", "ServerState",
-    "algorithm_class", "local_train", "make_algorithm",
+    "algorithm_class", "local_train", "make_algorithm", "vectorised_local_train",
 ]

@@ -23,11 +23,13 @@ from koala.algorithms.assignment import assign_architectures
 from koala.algorithms.models import evaluate_state, initial_state, instantiate, load_weights, module_state
 from koala.config import ExperimentConfig
 from koala.data.dataset import ImageSplit
+from koala.data.federated import FederatedSplit
 from koala.errors import UpdateRejected
-from koala.models import InputSpec, model_entry
+from koala.models import InputSpec, build_model, model_entry
 from koala.sampling import sample_clients
 from koala.seeding import derive_seed
-from koala.training import train_supervised
+from koala.training import TrainOutcome, train_supervised
+from koala.vectorised import train_stacked
 
 WorkKind = Literal["train", "inference"]
 
@@ -197,5 +199,21 @@ def local_train(task: ClientTask, data: ImageSplit, config: ExperimentConfig, sp
     """
     model = instantiate(task.architecture, spec, task.state, data.images.device)
     outcome = train_supervised(model, data, config.client, seed)
+    return _client_update(task, module_state(model), len(data), outcome)
+
+
+def vectorised_local_train(
+    tasks: Sequence[ClientTask], split: FederatedSplit, config: ExperimentConfig, spec: InputSpec, seeds: Sequence[int],
+) -> list[ClientUpdate]:
+    """`local_train` for several clients of one architecture at once, their models stacked
+    (`koala.vectorised.train_stacked`): the same updates within float tolerance."""
+    architecture = tasks[0].architecture
+    template = build_model(architecture, spec).to(split.client_pool.images.device)
+    indices = [split.client_indices[task.client_id] for task in tasks]
+    trained = train_stacked(template, [task.state for task in tasks], split.client_pool, indices, config.client, list(seeds))
+    return [_client_update(task, state, len(idx), outcome) for task, idx, (state, outcome) in zip(tasks, indices, trained)]
+
+
+def _client_update(task: ClientTask, state: StateDict, num_examples: int, outcome: TrainOutcome) -> ClientUpdate:
     metrics = {"train-loss": outcome.loss, "trained-samples": outcome.samples}
-    return ClientUpdate(task.client_id, task.architecture, module_state(model), len(data), metrics)
+    return ClientUpdate(task.client_id, task.architecture, state, num_examples, metrics)
