@@ -1,5 +1,6 @@
 """End-to-end runs of the local engine on real Fashion-MNIST (a subset) and on digits."""
 
+import re
 from pathlib import Path
 from typing import Any
 
@@ -124,3 +125,24 @@ def test_a_round_without_enough_valid_updates_leaves_the_server_unchanged(tmp_pa
     assert "fewer than client.min-replies = 1" in line["skipped"]
     assert line["eval"] == metrics[0]["eval"]  # the server's models are exactly as before the round
     assert "reverse-loss" not in line and line["resources"]["server-flops"] == 0
+
+
+def test_every_round_prints_the_elapsed_time_and_an_estimate_of_the_time_left(tmp_path: Path) -> None:
+    lines: list[str] = []
+    overrides = ["data.dataset='digits'", "data.num-clients=4", "models.large='lenet'", "rounds=3",
+                 "data.min-client-size=20", "distill.reverse.batch-size=32", "distill.forward.batch-size=32"]
+    run_local(load_config(None, overrides), tmp_path / "run", echo=lines.append)
+    rounds = [line for line in lines if line.startswith("round") and not line.startswith("round   0")]
+    assert len(rounds) == 3
+    assert all(re.search(r"elapsed \d+:\d\d:\d\d  about \d+:\d\d:\d\d left$", line) for line in rounds)
+    assert rounds[-1].endswith("about 0:00:00 left")
+
+
+def test_the_time_left_is_the_median_recent_round_time_per_round_left() -> None:
+    from koala.engine.rounds import estimate_time_left, format_progress
+
+    assert estimate_time_left([100.0, 2.0, 3.0, 4.0, 5.0, 6.0], 10) == 40.0  # the first (slow) round has aged out
+    assert estimate_time_left([], 5) == 0.0
+    line = {"round": 3, "eval": {"large": {"accuracy": 0.5}}, "accepted": 4, "clients": 4, "train-loss": 0.5,
+            "time-round": 1.0}
+    assert format_progress(line, 10, elapsed=3725.4, left=61).endswith("elapsed 1:02:05  about 0:01:01 left")

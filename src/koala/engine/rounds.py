@@ -4,9 +4,11 @@ evaluation, accounting and the run directory are the same whichever engine runs 
 
 from __future__ import annotations
 
+import statistics
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
+from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
@@ -116,8 +118,9 @@ def play_round(experiment: Experiment, dispatch: Dispatch, state: ServerState) -
     return state, line
 
 
-def format_progress(line: dict[str, Any], total_rounds: int) -> str:
-    """One readable line per round."""
+def format_progress(line: dict[str, Any], total_rounds: int, elapsed: float | None = None, left: float | None = None) -> str:
+    """One readable line per round, ending with the run's elapsed time and the estimated time left
+    when they are given."""
     parts = [f"round {line['round']:>3}/{total_rounds}"]
     for model, result in line.get("eval", {}).items():
         parts.append(f"{model} {100 * result['accuracy']:.2f}%")
@@ -131,7 +134,16 @@ def format_progress(line: dict[str, Any], total_rounds: int) -> str:
         parts.append(f"{line['time-round']:.1f} s")
         if "skipped" in line:
             parts.append("SKIPPED: " + line["skipped"])
+    if elapsed is not None:
+        parts.append(f"elapsed {timedelta(seconds=round(elapsed))}")
+    if left is not None:
+        parts.append(f"about {timedelta(seconds=round(left))} left")
     return "  ".join(parts)
+
+
+def estimate_time_left(round_seconds: Sequence[float], rounds_left: int) -> float:
+    """Seconds the remaining rounds should take: the median of the last 5 rounds' times, each."""
+    return statistics.median(round_seconds[-5:]) * rounds_left if round_seconds else 0.0
 
 
 def format_client_problems(line: dict[str, Any]) -> list[str]:
@@ -264,11 +276,15 @@ def _run_rounds(
     """The rounds after `state` (whose metrics lines so far are `history`), each recorded and
     checkpointed, then the run's resources and summary."""
     config, history = experiment.config, list(history)
+    round_seconds: list[float] = []
     for _ in range(state.round, config.rounds):
+        round_start = time.perf_counter()
         state, line = play_round(experiment, dispatch, state)
         history.append(line)
         _record_round(experiment, run_dir, state, line, elapsed)
-        echo(format_progress(line, config.rounds))
+        round_seconds.append(time.perf_counter() - round_start)
+        left = estimate_time_left(round_seconds, config.rounds - state.round)
+        echo(format_progress(line, config.rounds, elapsed(), left))
         for problem in format_client_problems(line):
             echo(problem)
     resources = resources_summary(experiment.costs, config.models.large, experiment.client_architectures(), history)
