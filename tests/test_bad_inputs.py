@@ -98,6 +98,9 @@ CASES: dict[str, Case] = {
                                   "distill.reverse-ce-weight > 0 needs a labelled server set"),
     "min-replies above the sample": ([str(QUICKSTART), *_set("client.min-replies=20")],
                                      "client.min-replies = 20 but a round samples only 10 client(s)"),
+    "vectorised training of a model with dropout": (
+        [str(QUICKSTART), *_set("client.vectorised=true", "models.small=['mobilenetv3-small']")],
+        "client.vectorised: mobilenetv3-small has dropout (classifier.2, p=0.2)"),
     "shares do not match models": ([str(QUICKSTART), *_set("models.small-shares=[0.5,0.5]")],
                                    "models.small-shares has 2 entries but models.small has 1"),
     "missing weights file": ([str(QUICKSTART), *_set("large-init.kind='file'", "large-init.path='/nonexistent.safetensors'")],
