@@ -5,7 +5,13 @@ from __future__ import annotations
 import torch
 
 from koala.algorithms.base import (
-    Algorithm, ClientTask, RoundMetrics, ServerData, ServerState, local_train, vectorised_local_train,
+    Algorithm,
+    ClientTask,
+    RoundMetrics,
+    ServerData,
+    ServerState,
+    local_train,
+    vectorised_local_train,
 )
 from koala.algorithms.centralised import CentralisedLarge
 from koala.algorithms.fedavg import FedAvgLarge, FedAvgSmall
