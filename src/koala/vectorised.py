@@ -115,12 +115,12 @@ def train_stacked(
                 for group, picked in ((params, p), (buffers, b), (velocity, v)):
                     for n, t in picked.items():
                         group[n][rows] = t
-            in_last_epoch = [k for k in clients if step >= schedule.steps[k] - schedule.steps_per_epoch[k]]
-            if in_last_epoch:
-                chosen = torch.tensor([clients.index(k) for k in in_last_epoch], device=device)
-                loss_sums.index_add_(0, torch.tensor(in_last_epoch, device=device), losses.detach()[chosen] * size)
+            last_epoch = [i for i, k in enumerate(clients) if step >= schedule.steps[k] - schedule.steps_per_epoch[k]]
+            if last_epoch:
+                into = torch.tensor([clients[i] for i in last_epoch], device=device)
+                loss_sums.index_add_(0, into, losses.detach()[torch.tensor(last_epoch, device=device)] * size)
     results = []
-    for k, indices in enumerate(client_indices):
+    for k in range(len(states)):
         state = {n: (params[n][k] if n in params else buffers[n][k]).detach().clone() for n in keys}
         last_epoch = sum(schedule.sizes[k, schedule.steps[k] - schedule.steps_per_epoch[k]: schedule.steps[k]].tolist())
         loss = float(loss_sums[k] / last_epoch) if last_epoch else float("nan")
