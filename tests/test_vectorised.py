@@ -60,8 +60,10 @@ DIGITS = ["data.dataset='digits'", "data.train-limit=0", "data.test-limit=0", "d
 
 
 def test_a_vectorised_run_writes_the_metrics_of_a_sequential_run(tmp_path: Path) -> None:
+    # 3 clients a round, stacked 2 at a time: the chunking is exercised too
     runs = {
-        mode: run_local(load_config(QUICKSTART, [*DIGITS, f"client.vectorised={mode}", "client.participation=0.5"]),
+        mode: run_local(load_config(QUICKSTART, [*DIGITS, f"client.vectorised={mode}", "client.participation=0.5",
+                                                  "client.vectorised-chunk=2"]),
                         tmp_path / str(mode), echo=lambda _: None)
         for mode in ("false", "true")
     }

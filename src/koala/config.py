@@ -156,6 +156,9 @@ class ClientConfig(OptimizerConfig):
         description="local engine: train the round's clients of each architecture together (stacked models, "
         "vmap), with the same updates as one after another within float tolerance",
     )
+    vectorised_chunk: int = Field(
+        100, ge=1, description="the most clients trained in one stacked pass (bounds the memory of vectorised training)"
+    )
 
     def clients_per_round(self, num_clients: int) -> int:
         """How many clients a round samples."""

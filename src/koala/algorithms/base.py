@@ -206,12 +206,18 @@ def vectorised_local_train(
     tasks: Sequence[ClientTask], split: FederatedSplit, config: ExperimentConfig, spec: InputSpec, seeds: Sequence[int],
 ) -> list[ClientUpdate]:
     """`local_train` for several clients of one architecture at once, their models stacked
-    (`koala.vectorised.train_stacked`): the same updates within float tolerance."""
+    (`koala.vectorised.train_stacked`) in chunks of `client.vectorised-chunk`: the same updates
+    within float tolerance."""
     architecture = tasks[0].architecture
     template = build_model(architecture, spec).to(split.client_pool.images.device)
-    indices = [split.client_indices[task.client_id] for task in tasks]
-    trained = train_stacked(template, [task.state for task in tasks], split.client_pool, indices, config.client, list(seeds))
-    return [_client_update(task, state, len(idx), outcome) for task, idx, (state, outcome) in zip(tasks, indices, trained)]
+    updates = []
+    chunk = config.client.vectorised_chunk
+    for start in range(0, len(tasks), chunk):
+        part, part_seeds = tasks[start : start + chunk], list(seeds[start : start + chunk])
+        indices = [split.client_indices[task.client_id] for task in part]
+        trained = train_stacked(template, [task.state for task in part], split.client_pool, indices, config.client, part_seeds)
+        updates += [_client_update(task, state, len(idx), outcome) for task, idx, (state, outcome) in zip(part, indices, trained)]
+    return updates
 
 
 def _client_update(task: ClientTask, state: StateDict, num_examples: int, outcome: TrainOutcome) -> ClientUpdate:
