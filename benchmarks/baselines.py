@@ -153,6 +153,8 @@ def plot_rows(rows: list[str], seeds: list[int], out: Path, path: Path) -> None:
     seeds, the band their range. Rows without client training (centralised) are left out of the
     FLOPs panel, which is logarithmic."""
     fig, (by_round, by_flops) = plt.subplots(1, 2, figsize=(15, 6))
+    for ax in (by_round, by_flops):
+        ax.set_prop_cycle(color=plt.cm.tab20.colors)  # up to 20 rows, each its own colour
     for row in rows:
         runs = [load_run(run) for seed in seeds if ((run := _run_dir(out, row, seed)) / SUMMARY_FILE).is_file()]
         if not runs:
@@ -167,7 +169,7 @@ def plot_rows(rows: list[str], seeds: list[int], out: Path, path: Path) -> None:
         spent = np.array([[0.0, *accumulate(r["client-flops"] for r in run.round_resources().values())] for run in runs])
         if spent[:, -1].min() > 0:
             flops = spent.mean(0)[1:]
-            by_flops.plot(flops, accuracy.mean(0)[1:], color=line.get_color(), label=label, **style)
+            by_flops.plot(flops, accuracy.mean(0)[1:], color=line.get_color(), **style)
             by_flops.fill_between(flops, accuracy.min(0)[1:], accuracy.max(0)[1:], color=line.get_color(), alpha=0.15)
     by_round.set(xlabel="round", ylabel="test accuracy (%)", title="Accuracy by round (round 0: the start)")
     by_flops.set(xscale="log", xlabel="cumulative client training FLOPs", ylabel="test accuracy (%)",
