@@ -7,7 +7,7 @@ Three measurements, each printing a Markdown table for benchmarks/RESULTS.md:
     # whole KOALA runs in a fresh process each: peak resident memory and round time by client count
     python benchmarks/scale.py runs --clients 10 100 1000 --participation 0.1 --rounds 3 --plot benchmarks/figures/round-time-by-clients.png
     # the engine's round against a plain PyTorch loop doing the same training, averaging and distillation
-    python benchmarks/scale.py bare-loop --clients 20 --rounds 4 --repeats 3
+    python benchmarks/scale.py bare-loop --clients 20 --rounds 5 --repeats 3
 
 Every measurement uses all 60,000 Fashion-MNIST training images (10 % of them the server's proxy
 set), LeNet clients and a ResNet-18 server model; ratios are taken within one repeat, then the
@@ -107,6 +107,7 @@ def whole_runs(clients: list[int], participation: float, rounds: int, vectorised
         ax.plot([r["clients"] for r in results], [statistics.median(r["round-seconds"]) for r in results], marker="o")
         ax.set(xscale="log", xlabel="clients (participation {:g})".format(participation), ylabel="median round time (s)",
                title="Round time by number of clients (local engine)")
+        ax.set_ylim(bottom=0)
         ax.grid(True, alpha=0.3)
         fig.tight_layout()
         fig.savefig(plot, dpi=100)
