@@ -177,7 +177,7 @@ def train_distill(
     if online and not callable(teacher):
         raise ValueError("augmented distillation needs the teacher as a function of images, not fixed targets")
     fixed_targets = None if online else (teacher(inputs) if callable(teacher) else teacher)
-    views = torch.Generator(device=inputs.device).manual_seed(derive_seed(seed, "augment"))
+    views = torch.Generator(device=inputs.device).manual_seed(derive_seed(seed, "augment")) if online else None
 
     def loss_on(idx: torch.Tensor) -> torch.Tensor:
         if online:

@@ -26,12 +26,11 @@ import torch.nn.functional as F
 from torch import nn
 from torch.func import functional_call, grad_and_value, vmap
 
+from koala.aggregate import StateDict
 from koala.config import OptimizerConfig
 from koala.data.dataset import ImageSplit
 from koala.errors import ConfigError
 from koala.training import TrainOutcome, shuffled_batches
-
-StateDict = dict[str, torch.Tensor]
 
 
 def require_vectorisable(model: nn.Module, architecture: str) -> None:
@@ -45,10 +44,11 @@ def require_vectorisable(model: nn.Module, architecture: str) -> None:
 
 
 class _Schedule:
-    """Every client's batches, as global indices into the pool: `indices[k, t, :sizes[k, t]]` is
-    client k's batch at step t (size 0 once it has no steps left)."""
+    """Every client's steps, fixed before training: `indices[k, t, :sizes[k, t]]` is client k's
+    batch at step t as indices into the pool (size 0 once it has no steps left), `rates[k, t]` its
+    learning rate there, and `last_epoch[k, t]` whether that step counts towards its reported loss."""
 
-    def __init__(self, client_indices: list[torch.Tensor], settings: OptimizerConfig, seeds: list[int]) -> None:
+    def __init__(self, client_indices: list[torch.Tensor], settings: OptimizerConfig, seeds: list[int], dtype: torch.dtype) -> None:
         device = client_indices[0].device
         per_client = []
         for indices, seed in zip(client_indices, seeds):
@@ -58,15 +58,21 @@ class _Schedule:
                 for _ in range(settings.epochs)
                 for batch in shuffled_batches(len(indices), settings.batch_size, order, device)
             ])
-        self.steps = [len(batches) for batches in per_client]
-        self.steps_per_epoch = [steps // max(settings.epochs, 1) for steps in self.steps]
-        self.sizes = torch.zeros(len(per_client), max(self.steps, default=0), dtype=torch.long)
-        self.indices = torch.zeros(len(per_client), max(self.steps, default=0), settings.batch_size,
-                                   dtype=torch.long, device=device)
+        clients, most_steps = len(per_client), max((len(batches) for batches in per_client), default=0)
+        self.sizes = torch.zeros(clients, most_steps, dtype=torch.long)
+        self.indices = torch.zeros(clients, most_steps, settings.batch_size, dtype=torch.long, device=device)
+        rates = torch.zeros(clients, most_steps, dtype=torch.float64)
+        last_epoch = torch.zeros(clients, most_steps, dtype=torch.bool)
         for k, batches in enumerate(per_client):
+            steps = len(batches)
             for t, batch in enumerate(batches):
                 self.sizes[k, t] = len(batch)
                 self.indices[k, t, : len(batch)] = batch
+            rates[k, :steps] = _learning_rates(settings, steps)
+            last_epoch[k, steps - steps // max(settings.epochs, 1) : steps] = True
+        self.rates = rates.to(dtype=dtype, device=device)
+        self.last_epoch = last_epoch.to(device)
+        self.last_epoch_samples = (self.sizes * last_epoch).sum(1)
 
     def groups(self, step: int) -> dict[int, list[int]]:
         """The clients that train at `step`, by the size of their batch."""
@@ -94,7 +100,7 @@ def train_stacked(
     params = {n: torch.stack([s[n] for s in states]).to(device) for n in parameter_names}
     buffers = {n: torch.stack([s[n] for s in states]).to(device) for n in buffer_names}
     velocity = {n: torch.zeros_like(p) for n, p in params.items()} if settings.momentum else {}
-    schedule = _Schedule(client_indices, settings, seeds)
+    schedule = _Schedule(client_indices, settings, seeds, pool.images.dtype)
     loss_sums = torch.zeros(len(states), dtype=pool.images.dtype, device=device)  # over each client's last epoch
 
     def batch_loss(p: StateDict, b: StateDict, images: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
@@ -104,40 +110,32 @@ def train_stacked(
     everyone = list(range(len(states)))
     for step in range(schedule.sizes.shape[1]):
         for size, clients in schedule.groups(step).items():
-            rows = None if clients == everyone else torch.tensor(clients, device=device)
-            pick = (lambda t: t) if rows is None else (lambda t: t[rows])
+            rows = torch.tensor(clients, device=device)
+            pick = (lambda t: t) if clients == everyone else (lambda t: t[rows])
             p, b, v = ({n: pick(t) for n, t in group.items()} for group in (params, buffers, velocity))
             batch = pick(schedule.indices[:, step, :size])
             grads, losses = step_all(p, b, pool.images[batch], pool.labels[batch])
-            lr = _learning_rates(settings, [schedule.steps[k] for k in clients], step, losses.dtype, device)
-            _sgd_step(p, grads, v, lr, settings)
-            if rows is not None:  # the picked rows were copies: write them back
+            _sgd_step(p, grads, v, pick(schedule.rates[:, step]), settings)
+            if clients != everyone:  # the picked rows were copies: write them back
                 for group, picked in ((params, p), (buffers, b), (velocity, v)):
                     for n, t in picked.items():
                         group[n][rows] = t
-            last_epoch = [i for i, k in enumerate(clients) if step >= schedule.steps[k] - schedule.steps_per_epoch[k]]
-            if last_epoch:
-                into = torch.tensor([clients[i] for i in last_epoch], device=device)
-                loss_sums.index_add_(0, into, losses.detach()[torch.tensor(last_epoch, device=device)] * size)
+            loss_sums.index_add_(0, rows, losses.detach() * size * pick(schedule.last_epoch[:, step]))
     results = []
     for k in range(len(states)):
         state = {n: (params[n][k] if n in params else buffers[n][k]).detach().clone() for n in keys}
-        last_epoch = sum(schedule.sizes[k, schedule.steps[k] - schedule.steps_per_epoch[k]: schedule.steps[k]].tolist())
-        loss = float(loss_sums[k] / last_epoch) if last_epoch else float("nan")
+        counted = int(schedule.last_epoch_samples[k])
+        loss = float(loss_sums[k] / counted) if counted else float("nan")
         results.append((state, TrainOutcome(loss, int(schedule.sizes[k].sum()))))
     return results
 
 
-def _learning_rates(
-    settings: OptimizerConfig, total_steps: list[int], step: int, dtype: torch.dtype, device: torch.device,
-) -> torch.Tensor:
-    """Each client's learning rate at `step` (0-based), as `torch.optim.lr_scheduler.CosineAnnealingLR`
-    over its own number of steps would set it, or the constant rate."""
+def _learning_rates(settings: OptimizerConfig, steps: int) -> torch.Tensor:
+    """A client's learning rate at each of its `steps` steps, as `torch.optim.lr_scheduler.CosineAnnealingLR`
+    over them would set it, or the constant rate."""
     if settings.lr_schedule == "constant":
-        rates = [settings.lr] * len(total_steps)
-    else:
-        rates = [settings.lr * (1 + math.cos(math.pi * step / max(total, 1))) / 2 for total in total_steps]
-    return torch.tensor(rates, dtype=dtype, device=device)
+        return torch.full((steps,), settings.lr, dtype=torch.float64)
+    return torch.tensor([settings.lr * (1 + math.cos(math.pi * t / steps)) / 2 for t in range(steps)], dtype=torch.float64)
 
 
 def _sgd_step(params: StateDict, grads: StateDict, velocity: StateDict, lr: torch.Tensor, settings: OptimizerConfig) -> None:
