@@ -119,9 +119,7 @@ def table(methods: list[str], seeds: list[int], out: Path) -> str:
 
 def _best_after_start(run_dir: Path) -> float | None:
     """The large model's best test accuracy over rounds 1 and later (round 0 is the start)."""
-    accuracies = [line["eval"]["large"]["accuracy"] for line in read_metrics(run_dir)
-                  if line["round"] > 0 and "large" in line.get("eval", {})]
-    return max(accuracies, default=None)
+    return max((accuracy for r, accuracy in load_run(run_dir).accuracy("large") if r > 0), default=None)
 
 
 def _median_per_round(summaries: list[dict], figure, fmt: str) -> str:
