@@ -8,6 +8,9 @@ Three measurements, each printing a Markdown table for benchmarks/RESULTS.md:
     python benchmarks/scale.py runs --clients 10 100 1000 --participation 0.1 --rounds 3 --plot benchmarks/figures/round-time-by-clients.png
     # the engine's round against a plain PyTorch loop doing the same training, averaging and distillation
     python benchmarks/scale.py bare-loop --clients 20 --rounds 5 --repeats 3
+    # on a GPU: the first two with --device cuda (the clock is read after the GPU's queue is done)
+    python benchmarks/scale.py clients --clients 10 100 1000 --repeats 3 --device cuda
+    python benchmarks/scale.py runs --clients 100 1000 --participation 0.1 --rounds 3 --device cuda
 
 Every measurement uses all 60,000 Fashion-MNIST training images (10 % of them the server's proxy
 set), LeNet clients and a ResNet-18 server model; ratios are taken within one repeat, then the
@@ -45,23 +48,30 @@ def _config(clients: int, *overrides: str) -> ExperimentConfig:
     return load_config(None, [*BASE, f"data.num-clients={clients}", *overrides])
 
 
-def client_training(clients: list[int], repeats: int) -> str:
+def _clock(device: str) -> float:
+    """The time once every kernel queued on `device` has run."""
+    if device == "cuda":
+        torch.cuda.synchronize()
+    return time.perf_counter()
+
+
+def client_training(clients: list[int], repeats: int, device: str) -> str:
     """One round of every client's training, sequential and vectorised, on the same tasks."""
     rows = ["| clients | examples / client | sequential (s) | vectorised (s) | vectorised speed-up |", "|---|---|---|---|---|"]
     for count in clients:
-        experiment = prepare_experiment(_config(count))
+        experiment = prepare_experiment(_config(count, f"device='{device}'"))
         weights = initial_state("lenet", experiment.spec, 0)
         tasks = [ClientTask(cid, "lenet", weights) for cid in range(count)]
         seeds = list(range(count))
         times: dict[str, list[float]] = {"sequential": [], "vectorised": []}
         for _ in range(repeats):
-            start = time.perf_counter()
+            start = _clock(device)
             for task, seed in zip(tasks, seeds):
                 local_train(task, experiment.split.client_data(task.client_id), experiment.config, experiment.spec, seed)
-            times["sequential"].append(time.perf_counter() - start)
-            start = time.perf_counter()
+            times["sequential"].append(_clock(device) - start)
+            start = _clock(device)
             vectorised_local_train(tasks, experiment.split, experiment.config, experiment.spec, seeds)
-            times["vectorised"].append(time.perf_counter() - start)
+            times["vectorised"].append(_clock(device) - start)
         ratio = statistics.median(s / v for s, v in zip(times["sequential"], times["vectorised"]))
         per_client = sum(experiment.split.client_sizes()) // count
         rows.append(f"| {count} | {per_client} | {statistics.median(times['sequential']):.2f} "
@@ -70,8 +80,9 @@ def client_training(clients: list[int], repeats: int) -> str:
     return "\n".join(rows)
 
 
-def _one_run(clients: int, participation: float, rounds: int, vectorised: bool) -> None:
-    """In a fresh process: a KOALA run; prints its round times and this process's peak memory."""
+def _one_run(clients: int, participation: float, rounds: int, vectorised: bool, device: str) -> None:
+    """In a fresh process: a KOALA run; prints its round times and this process's peak memory
+    (and the GPU's, on one)."""
     stamps: list[float] = []
 
     def echo(line: str) -> None:
@@ -79,26 +90,29 @@ def _one_run(clients: int, participation: float, rounds: int, vectorised: bool) 
             stamps.append(time.perf_counter())
 
     config = _config(clients, f"client.participation={participation}", f"rounds={rounds}", f"eval-every={rounds}",
-                     f"client.vectorised={str(vectorised).lower()}", "data.proxy-fraction=0.1")
+                     f"client.vectorised={str(vectorised).lower()}", "data.proxy-fraction=0.1", f"device='{device}'")
     with tempfile.TemporaryDirectory() as out:
         run_local(config, Path(out) / "run", echo=echo)
     peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # kilobytes on Linux
+    gpu_peak_mb = torch.cuda.max_memory_allocated() / 2**20 if device == "cuda" else None
     print(json.dumps({"clients": clients, "round-seconds": [b - a for a, b in zip(stamps, stamps[1:])],
-                      "peak-rss-mb": peak_mb}))
+                      "peak-rss-mb": peak_mb, "peak-gpu-mb": gpu_peak_mb}))
 
 
-def whole_runs(clients: list[int], participation: float, rounds: int, vectorised: bool, plot: Path | None) -> str:
+def whole_runs(clients: list[int], participation: float, rounds: int, vectorised: bool, device: str, plot: Path | None) -> str:
     """Peak resident memory and median round time of whole runs, one fresh process per client count."""
-    rows = ["| clients | clients per round | median round time (s) | peak resident memory (MB) |", "|---|---|---|---|"]
+    gpu = device == "cuda"
+    rows = ["| clients | clients per round | median round time (s) | peak resident memory (MB) |" + (" peak GPU memory (MB) |" if gpu else ""),
+            "|---|---|---|---|" + ("---|" if gpu else "")]
     results = []
     for count in clients:
         command = [sys.executable, __file__, "one-run", "--clients", str(count), "--participation", str(participation),
-                   "--rounds", str(rounds)] + (["--vectorised"] if vectorised else [])
+                   "--rounds", str(rounds), "--device", device] + (["--vectorised"] if vectorised else [])
         output = subprocess.run(command, check=True, capture_output=True, text=True).stdout
         result = json.loads(output.strip().splitlines()[-1])
         results.append(result)
         rows.append(f"| {count} | {max(1, round(participation * count))} | {statistics.median(result['round-seconds']):.2f} "
-                    f"| {result['peak-rss-mb']:.0f} |")
+                    f"| {result['peak-rss-mb']:.0f} |" + (f" {result['peak-gpu-mb']:.0f} |" if gpu else ""))
         print(rows[-1], flush=True)
     if plot:
         import matplotlib.pyplot as plt
@@ -198,13 +212,14 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--vectorised", action="store_true", help="runs: train clients vectorised")
     parser.add_argument("--plot", type=Path, default=None, help="runs: plot round time against clients here")
+    parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu", help="clients, runs: where to train")
     args = parser.parse_args()
     if args.what == "one-run":
-        _one_run(args.clients[0], args.participation, args.rounds, args.vectorised)
+        _one_run(args.clients[0], args.participation, args.rounds, args.vectorised, args.device)
     elif args.what == "clients":
-        print(client_training(args.clients, args.repeats))
+        print(client_training(args.clients, args.repeats, args.device))
     elif args.what == "runs":
-        print(whole_runs(args.clients, args.participation, args.rounds, args.vectorised, args.plot))
+        print(whole_runs(args.clients, args.participation, args.rounds, args.vectorised, args.device, args.plot))
     else:
         print(bare_loop(args.clients[0], args.rounds, args.repeats))
 

@@ -108,9 +108,12 @@ def train_stacked(
 
     step_all = vmap(grad_and_value(batch_loss))
     everyone = list(range(len(states)))
+    rows_of: dict[tuple[int, ...], torch.Tensor] = {}  # made once per group: a copy to a GPU waits for it
     for step in range(schedule.sizes.shape[1]):
         for size, clients in schedule.groups(step).items():
-            rows = torch.tensor(clients, device=device)
+            if tuple(clients) not in rows_of:
+                rows_of[tuple(clients)] = torch.tensor(clients, device=device)
+            rows = rows_of[tuple(clients)]
             pick = (lambda t: t) if clients == everyone else (lambda t: t[rows])
             p, b, v = ({n: pick(t) for n, t in group.items()} for group in (params, buffers, velocity))
             batch = pick(schedule.indices[:, step, :size])
