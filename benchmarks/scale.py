@@ -10,7 +10,7 @@ Three measurements, each printing a Markdown table for benchmarks/RESULTS.md:
     python benchmarks/scale.py bare-loop --clients 20 --rounds 5 --repeats 3
     # on a GPU: the first two with --device cuda (the clock is read after the GPU's queue is done)
     python benchmarks/scale.py clients --clients 10 100 1000 --repeats 3 --device cuda
-    python benchmarks/scale.py runs --clients 100 1000 --participation 0.1 --rounds 3 --device cuda
+    python benchmarks/scale.py runs --clients 100 1000 --participation 0.1 --rounds 3 --device cuda [--vectorised]
 
 Every measurement uses all 60,000 Fashion-MNIST training images (10 % of them the server's proxy
 set), LeNet clients and a ResNet-18 server model; ratios are taken within one repeat, then the
@@ -87,14 +87,14 @@ def _one_run(clients: int, participation: float, rounds: int, vectorised: bool, 
 
     def echo(line: str) -> None:
         if line.startswith("round"):
-            stamps.append(time.perf_counter())
+            stamps.append(_clock(device))
 
     config = _config(clients, f"client.participation={participation}", f"rounds={rounds}", f"eval-every={rounds}",
                      f"client.vectorised={str(vectorised).lower()}", "data.proxy-fraction=0.1", f"device='{device}'")
     with tempfile.TemporaryDirectory() as out:
         run_local(config, Path(out) / "run", echo=echo)
-    peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # kilobytes on Linux
-    gpu_peak_mb = torch.cuda.max_memory_allocated() / 2**20 if device == "cuda" else None
+    peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
+    gpu_peak_mb = torch.cuda.max_memory_reserved() / 2**20 if device == "cuda" else None
     print(json.dumps({"clients": clients, "round-seconds": [b - a for a, b in zip(stamps, stamps[1:])],
                       "peak-rss-mb": peak_mb, "peak-gpu-mb": gpu_peak_mb}))
 
@@ -102,7 +102,7 @@ def _one_run(clients: int, participation: float, rounds: int, vectorised: bool, 
 def whole_runs(clients: list[int], participation: float, rounds: int, vectorised: bool, device: str, plot: Path | None) -> str:
     """Peak resident memory and median round time of whole runs, one fresh process per client count."""
     gpu = device == "cuda"
-    rows = ["| clients | clients per round | median round time (s) | peak resident memory (MB) |" + (" peak GPU memory (MB) |" if gpu else ""),
+    rows = ["| clients | clients per round | median round time (s) | peak resident memory (MiB) |" + (" peak GPU memory reserved by torch (MiB) |" if gpu else ""),
             "|---|---|---|---|" + ("---|" if gpu else "")]
     results = []
     for count in clients:
@@ -214,6 +214,8 @@ def main() -> None:
     parser.add_argument("--plot", type=Path, default=None, help="runs: plot round time against clients here")
     parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu", help="clients, runs: where to train")
     args = parser.parse_args()
+    if args.what == "bare-loop" and args.device != "cpu":
+        parser.error("bare-loop runs on the CPU only; leave out --device")
     if args.what == "one-run":
         _one_run(args.clients[0], args.participation, args.rounds, args.vectorised, args.device)
     elif args.what == "clients":

@@ -49,27 +49,31 @@ class _Schedule:
     learning rate there, and `last_epoch[k, t]` whether that step counts towards its reported loss."""
 
     def __init__(self, client_indices: list[torch.Tensor], settings: OptimizerConfig, seeds: list[int], dtype: torch.dtype) -> None:
+        # Built on the CPU and moved to the device once: filling a device tensor batch by batch
+        # would launch one small copy per client and step.
         device = client_indices[0].device
         per_client = []
         for indices, seed in zip(client_indices, seeds):
             order = torch.Generator().manual_seed(seed)  # the generator sgd_train draws the batch order from
+            on_host = indices.cpu()
             per_client.append([
-                indices[batch]
+                on_host[batch]
                 for _ in range(settings.epochs)
-                for batch in shuffled_batches(len(indices), settings.batch_size, order, device)
+                for batch in shuffled_batches(len(indices), settings.batch_size, order, torch.device("cpu"))
             ])
         clients, most_steps = len(per_client), max((len(batches) for batches in per_client), default=0)
-        self.sizes = torch.zeros(clients, most_steps, dtype=torch.long)
-        self.indices = torch.zeros(clients, most_steps, settings.batch_size, dtype=torch.long, device=device)
+        self.step_sizes = [[len(batch) for batch in batches] + [0] * (most_steps - len(batches)) for batches in per_client]
+        self.sizes = torch.tensor(self.step_sizes, dtype=torch.long).view(clients, most_steps)
+        indices_on_host = torch.zeros(clients, most_steps, settings.batch_size, dtype=torch.long)
         rates = torch.zeros(clients, most_steps, dtype=torch.float64)
         last_epoch = torch.zeros(clients, most_steps, dtype=torch.bool)
         for k, batches in enumerate(per_client):
             steps = len(batches)
             for t, batch in enumerate(batches):
-                self.sizes[k, t] = len(batch)
-                self.indices[k, t, : len(batch)] = batch
+                indices_on_host[k, t, : len(batch)] = batch
             rates[k, :steps] = _learning_rates(settings, steps)
             last_epoch[k, steps - steps // max(settings.epochs, 1) : steps] = True
+        self.indices = indices_on_host.to(device)
         self.rates = rates.to(dtype=dtype, device=device)
         self.last_epoch = last_epoch.to(device)
         self.last_epoch_samples = (self.sizes * last_epoch).sum(1)
@@ -77,8 +81,8 @@ class _Schedule:
     def groups(self, step: int) -> dict[int, list[int]]:
         """The clients that train at `step`, by the size of their batch."""
         by_size: dict[int, list[int]] = defaultdict(list)
-        for k, size in enumerate(self.sizes[:, step].tolist()):
-            if size:
+        for k, sizes in enumerate(self.step_sizes):
+            if size := sizes[step]:
                 by_size[size].append(k)
         return by_size
 
@@ -111,9 +115,10 @@ def train_stacked(
     rows_of: dict[tuple[int, ...], torch.Tensor] = {}  # made once per group: a copy to a GPU waits for it
     for step in range(schedule.sizes.shape[1]):
         for size, clients in schedule.groups(step).items():
-            if tuple(clients) not in rows_of:
-                rows_of[tuple(clients)] = torch.tensor(clients, device=device)
-            rows = rows_of[tuple(clients)]
+            key = tuple(clients)
+            if key not in rows_of:
+                rows_of[key] = torch.tensor(clients, device=device)
+            rows = rows_of[key]
             pick = (lambda t: t) if clients == everyone else (lambda t: t[rows])
             p, b, v = ({n: pick(t) for n, t in group.items()} for group in (params, buffers, velocity))
             batch = pick(schedule.indices[:, step, :size])

@@ -79,13 +79,14 @@ class Koala(Algorithm):
         logits of its averaged model, or the mean logits of its clients' models (one model is
         built at a time); then the architectures' softened outputs are fused."""
         members = {arch: self._built(arch, states) for arch, states in self._teacher_weights(updates, groups).items()}
-        return self._fused_probs(members, self.server_data.proxy_images, groups, metrics)
+        return self._fused_probs(members, self.server_data.proxy_images, self._sample_counts(groups), metrics)
 
     def reverse_teacher(self, updates: Sequence[ClientUpdate], groups: dict[str, GroupAggregate], metrics: RoundMetrics) -> Teacher:
         """The same fused teacher as `teacher_targets`, as a function of any images (augmented
         views); its models are built once and held for the round."""
         members = {arch: list(self._built(arch, states)) for arch, states in self._teacher_weights(updates, groups).items()}
-        return lambda images: self._fused_probs(members, images, groups, metrics)
+        counts = self._sample_counts(groups)  # once: a copy to a GPU on every batch would wait for it
+        return lambda images: self._fused_probs(members, images, counts, metrics)
 
     def _teacher_weights(self, updates: Sequence[ClientUpdate], groups: dict[str, GroupAggregate]) -> dict[str, list[StateDict]]:
         """Per architecture, the weights that teach: its averaged model, or each of its clients' models."""
@@ -96,8 +97,12 @@ class Koala(Algorithm):
     def _built(self, arch: str, states: list[StateDict]) -> Iterator[torch.nn.Module]:
         return (instantiate(arch, self.spec, weights, self.device) for weights in states)
 
+    def _sample_counts(self, groups: dict[str, GroupAggregate]) -> torch.Tensor:
+        """Each architecture's examples this round, in `groups` order, on the device (the fusion's weights)."""
+        return torch.tensor([g.num_examples for g in groups.values()], device=self.device)
+
     def _fused_probs(
-        self, members: dict[str, Iterable[torch.nn.Module]], images: torch.Tensor, groups: dict[str, GroupAggregate],
+        self, members: dict[str, Iterable[torch.nn.Module]], images: torch.Tensor, sample_counts: torch.Tensor,
         metrics: RoundMetrics,
     ) -> torch.Tensor:
         probs = []
@@ -107,8 +112,7 @@ class Koala(Algorithm):
                 logits, count = logits + predict_logits(model, images), count + 1
                 metrics.add_work(arch, "inference", len(images))
             probs.append(soft_targets(logits / count, self.config.distill.temperature))
-        counts = torch.tensor([g.num_examples for g in groups.values()], device=images.device)
-        return self.fuse(torch.stack(probs), counts)
+        return self.fuse(torch.stack(probs), sample_counts)
 
     def _reverse_distill(
         self, large: StateDict | None, teacher: torch.Tensor | Teacher, round_number: int, metrics: RoundMetrics,
