@@ -41,6 +41,11 @@ LEVERS = {
     "+augment": [f"distill.{d}.{k}" for d in ("reverse", "forward") for k in ("flip=true", "max-shift=2")],
     "+cosine": [f"distill.{d}.lr-schedule='cosine'" for d in ("reverse", "forward")],
 }
+# levers that only exist with several architectures: how their teachers are fused
+HETEROGENEOUS_LEVERS = {
+    "+confidence": ["distill.fusion='confidence'"],
+    "+consensus": ["distill.fusion='consensus'"],
+}
 ROWS: dict[str, tuple[str, list[str]]] = {
     "fedavg-large": ("fedavg-large", []),
     "fedavg-small": ("fedavg-small", []),
@@ -49,10 +54,12 @@ ROWS: dict[str, tuple[str, list[str]]] = {
     "koala-homogeneous": ("koala-homogeneous", []),
     "koala-heterogeneous": ("koala-heterogeneous", []),
     **{lever: ("paper-literal", overrides) for lever, overrides in LEVERS.items()},
-    **{f"{lever} (het)": ("paper-literal", [*HETEROGENEOUS, *overrides]) for lever, overrides in LEVERS.items()},
+    **{f"{lever} (het)": ("paper-literal", [*HETEROGENEOUS, *overrides])
+       for lever, overrides in {**LEVERS, **HETEROGENEOUS_LEVERS}.items()},
     # a lever on top of the shipped defaults, to find the best combination
     **{f"{config} {lever}": (config, overrides) for config in ("koala-homogeneous", "koala-heterogeneous")
        for lever, overrides in LEVERS.items() if lever != "paper-literal"},
+    **{f"koala-heterogeneous {lever}": ("koala-heterogeneous", overrides) for lever, overrides in HETEROGENEOUS_LEVERS.items()},
 }
 DEFAULT_ROWS = ["koala-homogeneous", "koala-heterogeneous", "fedavg-large", "fedavg-small"]
 
