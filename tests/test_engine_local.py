@@ -146,3 +146,34 @@ def test_the_time_left_is_the_median_recent_round_time_per_round_left() -> None:
     line = {"round": 3, "eval": {"large": {"accuracy": 0.5}}, "accepted": 4, "clients": 4, "train-loss": 0.5,
             "time-round": 1.0}
     assert format_progress(line, 10, elapsed=3725.4, left=61).endswith("elapsed 1:02:05  about 0:01:01 left")
+
+
+def test_validation_split_is_evaluated_every_round_beside_the_test_split(tmp_path: Path) -> None:
+    overrides = ["data.dataset='digits'", "data.num-clients=4", "models.large='lenet'", "models.small=['lenet']",
+                 "rounds=2", "data.min-client-size=20", "data.validation-size=300"]
+    metrics, summary = _run(tmp_path, overrides)
+    assert all(set(line["eval-validation"]) == {"large", "small:lenet"} for line in metrics)
+    assert metrics[-1]["eval-validation"] != metrics[-1]["eval"]  # 300 validation images, not the test split
+    assert summary["validation"]["final"] == metrics[-1]["eval-validation"]
+    assert summary["split"]["validation"] == 300
+    # without the key, the metrics carry no validation entry
+    plain, plain_summary = _run(tmp_path, overrides[:-1], "plain")
+    assert "eval-validation" not in plain[0] and "validation" not in plain_summary
+
+
+def test_run_directory_records_the_code_and_environment_that_produced_it(tmp_path: Path) -> None:
+    import json
+    import subprocess
+
+    import torch
+
+    _run(tmp_path, ["data.dataset='digits'", "data.num-clients=4", "models.large='lenet'", "models.small=['lenet']",
+                    "rounds=1", "data.min-client-size=20", "threads=1"])
+    sessions = json.loads((tmp_path / "run" / "environment.json").read_text())["sessions"]
+    assert len(sessions) == 1
+    session = sessions[0]
+    assert session["torch"] == torch.__version__ and session["threads"] == 1 and session["engine"] == "local"
+    checkout = Path(__file__).resolve().parent.parent
+    head = subprocess.run(["git", "-C", str(checkout), "rev-parse", "HEAD"], capture_output=True, text=True)
+    if head.returncode == 0:  # a git checkout (CI clones one): the commit is HEAD's
+        assert session["commit"] == head.stdout.strip() and isinstance(session["dirty"], bool)

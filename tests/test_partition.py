@@ -108,3 +108,53 @@ def test_federated_split_rejects_impossible_requests() -> None:
         make_federated_split(source, DataConfig(num_clients=500, partition="iid"), 0)
     with pytest.raises(DataError, match="proxy set holds only 20 images"):
         make_federated_split(source, DataConfig(num_clients=2, proxy_labelled=21), 0)
+
+
+def _rows(images: torch.Tensor) -> set[bytes]:
+    return {row.numpy().tobytes() for row in images.flatten(1)}
+
+
+def test_validation_split_is_disjoint_from_proxy_clients_and_test() -> None:
+    source = _source()
+    config = DataConfig(num_clients=8, validation_size=300, proxy_size=400, proxy_labelled=50)
+    split = make_federated_split(source, config, seed=0)
+    assert split.validation is not None and len(split.validation) == 300
+    client_images = torch.cat([split.client_data(i).images for i in range(8)])
+    assert split.proxy_images.shape[0] == 400 and client_images.shape[0] == 2000 - 300 - 400
+    validation, proxy, clients, test = (_rows(x) for x in (split.validation.images, split.proxy_images, client_images,
+                                                          split.test.images))
+    assert not validation & proxy and not validation & clients and not validation & test
+    assert len(validation | proxy | clients) == 2000  # nothing lost, nothing twice
+    assert split.describe()["validation"] == 300
+    # labels travel with their images
+    truth = {row.numpy().tobytes(): int(label) for row, label in zip(source.train.images.flatten(1), source.train.labels)}
+    assert all(truth[row.numpy().tobytes()] == int(label)
+               for row, label in zip(split.validation.images.flatten(1), split.validation.labels))
+
+
+def test_no_validation_split_leaves_the_split_as_it_was() -> None:
+    source = _source()
+    split = make_federated_split(source, DataConfig(num_clients=8), seed=3)
+    assert split.validation is None and "validation" not in split.describe()
+    # the proxy set is the head of the seeded permutation, the clients the rest, as before the key existed
+    assert split.proxy_images.shape[0] == 200 and split.client_pool.images.shape[0] == 1800
+
+
+def test_client_size_keeps_the_same_client_data_for_every_proxy_size() -> None:
+    source = _source()
+    shards = []
+    for proxy_size in (100, 400, 800):
+        config = DataConfig(num_clients=5, validation_size=200, proxy_size=proxy_size, client_size=1000)
+        split = make_federated_split(source, config, seed=1)
+        assert split.proxy_images.shape[0] == proxy_size and len(split.client_pool) == 1000
+        shards.append([_rows(split.client_data(i).images) for i in range(5)])
+        assert not _rows(split.proxy_images) & set().union(*shards[-1])
+    assert shards[0] == shards[1] == shards[2]
+
+
+def test_validation_and_sizes_that_do_not_fit_are_refused() -> None:
+    source = _source(200)
+    with pytest.raises(DataError, match="data.validation-size = 200 but the training split holds only 200"):
+        make_federated_split(source, DataConfig(num_clients=2, validation_size=200), 0)
+    with pytest.raises(DataError, match="need 190 training images but 150 remain after the validation split"):
+        make_federated_split(source, DataConfig(num_clients=2, validation_size=50, proxy_size=40, client_size=150), 0)

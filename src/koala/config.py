@@ -41,7 +41,18 @@ class DataConfig(_Section):
     alpha: float = Field(0.5, gt=0, description="Dirichlet concentration over labels")
     labels_per_client: int = Field(2, ge=1, description="k for the k-labels partition")
     min_client_size: int = Field(10, ge=1, description="Dirichlet redraws until every client has this many")
+    validation_size: int = Field(
+        0, ge=0,
+        description="training images held out as a validation split (disjoint from the proxy set, the clients "
+        "and the test split), evaluated beside the test split every round to choose settings on (0 = none)",
+    )
     proxy_fraction: float = Field(0.1, gt=0, lt=1, description="share of training images kept as the server proxy set")
+    proxy_size: int = Field(0, ge=0, description="how many training images the proxy set holds (0 = proxy-fraction of them)")
+    client_size: int = Field(
+        0, ge=0,
+        description="how many training images the clients share (0 = all that the proxy set leaves); the same "
+        "images whatever the proxy size, so that proxy sizes can be compared on fixed client data",
+    )
     proxy_labelled: int = Field(
         0, ge=0, description="how many proxy images the server holds labels for (its labelled server set)"
     )

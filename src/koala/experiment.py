@@ -62,7 +62,7 @@ def prepare_experiment(config: ExperimentConfig) -> Experiment:
     split = make_federated_split(source, config.data, config.seed).to(device)
     spec = InputSpec(source.channels, source.image_size, source.num_classes)
     pooled = split.client_pool.subset(torch.cat(split.client_indices)) if algorithm_class(config).pools_client_data else None
-    server_data = ServerData(split.proxy_images, split.labelled_server, split.test, pooled)
+    server_data = ServerData(split.proxy_images, split.labelled_server, split.test, pooled, split.validation)
     algorithm = make_algorithm(config, spec, server_data, device)
     if config.client.vectorised and not algorithm.pools_client_data:
         for architecture in sorted({algorithm.client_architecture(c) for c in range(split.num_clients)}):

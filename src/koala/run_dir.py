@@ -18,6 +18,7 @@ METRICS_FILE = "metrics.jsonl"
 SUMMARY_FILE = "summary.json"
 RESOURCES_FILE = "resources.json"
 STATUS_FILE = "status.json"
+ENVIRONMENT_FILE = "environment.json"
 
 RunStatus = Literal["running", "complete", "failed"]
 
@@ -122,6 +123,13 @@ class RunDirectory:
         target = self.path / name
         write_atomically(target, (json.dumps(content, indent=2, sort_keys=True) + "\n").encode())
         return target
+
+    def record_session(self, environment: dict[str, Any]) -> None:
+        """Add what this session runs with (commit, versions, threads) to environment.json, which
+        lists every session of the run: a resumed run may have been continued by other code."""
+        path = self.path / ENVIRONMENT_FILE
+        sessions = json.loads(path.read_text())["sessions"] if path.is_file() else []
+        self.write_json(ENVIRONMENT_FILE, {"sessions": [*sessions, environment]})
 
     def mark(self, status: RunStatus, **details: Any) -> None:
         """Record in status.json whether the run is running, complete or failed (with why)."""

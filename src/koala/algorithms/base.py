@@ -65,6 +65,8 @@ class ServerData:
     pooled_clients: ImageSplit | None = None
     """Every client's data pooled: given only to algorithms that declare `pools_client_data` (the
     centralised upper bound), never in a federated setting."""
+    validation: ImageSplit | None = None
+    """Held-out training images to choose settings on (`data.validation-size`); only evaluated."""
 
 
 @dataclass
@@ -161,14 +163,15 @@ class Algorithm(ABC):
         """Fold the round's accepted updates into a new server state."""
 
     # -- evaluation -----------------------------------------------------------------------------
-    def evaluate(self, state: ServerState) -> dict[str, dict[str, float]]:
-        """Test metrics of the large model (as "large") and of each small model (as "small:ARCH")."""
+    def evaluate(self, state: ServerState, data: ImageSplit | None = None) -> dict[str, dict[str, float]]:
+        """Metrics of the large model (as "large") and of each small model (as "small:ARCH") on
+        `data`, by default the test split."""
         results = {}
-        test = self.server_data.test
+        data = self.server_data.test if data is None else data
         if state.large is not None:
-            results["large"] = evaluate_state(self.config.models.large, self.spec, state.large, test)
+            results["large"] = evaluate_state(self.config.models.large, self.spec, state.large, data)
         for arch, weights in state.small.items():
-            results[f"small:{arch}"] = evaluate_state(arch, self.spec, weights, test)
+            results[f"small:{arch}"] = evaluate_state(arch, self.spec, weights, data)
         return results
 
     # -- shared building blocks -----------------------------------------------------------------

@@ -25,6 +25,8 @@ class FederatedSplit:
     test: ImageSplit
     num_classes: int
     label_skew: float
+    validation: ImageSplit | None = None
+    """Training images held out from everything else, to choose settings on (`data.validation-size`)."""
 
     @property
     def num_clients(self) -> int:
@@ -51,6 +53,7 @@ class FederatedSplit:
             test=move(self.test),
             num_classes=self.num_classes,
             label_skew=self.label_skew,
+            validation=move(self.validation),
         )
 
     def describe(self) -> dict[str, object]:
@@ -65,6 +68,7 @@ class FederatedSplit:
             "client-size-max": int(max(sizes)),
             "label-skew": round(self.label_skew, 4),
             "test": len(self.test),
+            **({"validation": len(self.validation)} if self.validation is not None else {}),
         }
 
 
@@ -85,20 +89,31 @@ def _partition(labels: np.ndarray, config: DataConfig, num_classes: int, rng: np
 def make_federated_split(source: DataSource, config: DataConfig, seed: int) -> FederatedSplit:
     """Split `source` as `config` asks, drawing only from streams derived from `seed`.
 
-    A seeded permutation of the training split puts `proxy_fraction` aside for the server (its first
-    `proxy_labelled` images keep their labels as the labelled server set); the rest is partitioned
-    over the clients. The official test split is used for evaluation.
+    First `validation_size` training images are held out (a stream of their own). A seeded
+    permutation of the rest puts the proxy set at its head (`proxy_size` images, else
+    `proxy_fraction` of them; its first `proxy_labelled` keep their labels as the labelled server
+    set) and the clients' images at its tail (the last `client_size`, else all the rest), which are
+    partitioned over the clients: for a fixed `client_size` the clients hold the same images, split
+    the same way, whatever the proxy size. The official test split is used for evaluation.
     """
     train = _limit(source.train, config.train_limit, numpy_generator(seed, "data", "train-limit"))
     test = _limit(source.test, config.test_limit, numpy_generator(seed, "data", "test-limit"))
+    train, validation = _hold_out(train, config.validation_size, numpy_generator(seed, "data", "validation"))
     order = torch.from_numpy(numpy_generator(seed, "data", "proxy").permutation(len(train)))
-    num_proxy = max(1, round(config.proxy_fraction * len(train)))
+    num_proxy = config.proxy_size or max(1, round(config.proxy_fraction * len(train)))
     if config.proxy_labelled > num_proxy:
         raise DataError(
             f"data.proxy-labelled = {config.proxy_labelled} but the proxy set holds only {num_proxy} "
-            "images: lower data.proxy-labelled or raise data.proxy-fraction"
+            "images: lower data.proxy-labelled or raise data.proxy-fraction (or data.proxy-size)"
         )
-    pool = train.subset(order[num_proxy:])
+    num_pool = config.client_size or len(train) - num_proxy
+    if num_proxy + num_pool > len(train):
+        raise DataError(
+            f"the proxy set ({num_proxy} images) and the clients (data.client-size = {num_pool}) need "
+            f"{num_proxy + num_pool} training images but {len(train)} remain after the validation split "
+            f"(data.validation-size = {config.validation_size}): lower data.proxy-size or data.client-size"
+        )
+    pool = train.subset(order[len(train) - num_pool:])
     if len(pool) < config.num_clients:
         raise DataError(
             f"{len(pool)} training image(s) remain for {config.num_clients} clients after the proxy set: "
@@ -116,4 +131,19 @@ def make_federated_split(source: DataSource, config: DataConfig, seed: int) -> F
         test=test,
         num_classes=source.num_classes,
         label_skew=label_skew(labels, shards, source.num_classes),
+        validation=validation,
     )
+
+
+def _hold_out(train: ImageSplit, size: int, rng: np.random.Generator) -> tuple[ImageSplit, ImageSplit | None]:
+    """(the training images left, `size` of them held out at random), in their original order."""
+    if size == 0:
+        return train, None
+    if size >= len(train):
+        raise DataError(
+            f"data.validation-size = {size} but the training split holds only {len(train)} images: "
+            "lower data.validation-size (or raise data.train-limit)"
+        )
+    held = np.zeros(len(train), dtype=bool)
+    held[rng.permutation(len(train))[:size]] = True
+    return train.subset(torch.from_numpy(np.flatnonzero(~held))), train.subset(torch.from_numpy(np.flatnonzero(held)))

@@ -19,7 +19,8 @@ from koala.checkpoint import CHECKPOINT_FILE, Checkpoint, load_checkpoint, save_
 from koala.config import config_to_toml
 from koala.errors import ConfigError, UpdateRejected
 from koala.experiment import Experiment
-from koala.run_dir import CONFIG_FILE, METRICS_FILE, RESOURCES_FILE, SUMMARY_FILE, RunDirectory, default_run_dir
+from koala.run_dir import CONFIG_FILE, ENVIRONMENT_FILE, METRICS_FILE, RESOURCES_FILE, SUMMARY_FILE, RunDirectory, default_run_dir
+from koala.provenance import environment
 from koala.sampling import unreachable_clients
 from koala.seeding import GlobalRngState
 
@@ -113,9 +114,19 @@ def play_round(experiment: Experiment, dispatch: Dispatch, state: ServerState) -
     state, line = complete_round(experiment, state, clients, replies)
     line["time-clients"] = round(client_time, 4)
     if round_number % config.eval_every == 0 or round_number == config.rounds:
-        line["eval"] = experiment.algorithm.evaluate(state)
+        line.update(evaluation(experiment, state))
     line["time-round"] = round(time.perf_counter() - round_start, 4)
     return state, line
+
+
+def evaluation(experiment: Experiment, state: ServerState) -> dict[str, Any]:
+    """The metrics line's evaluation: the test split under "eval", and the validation split, when
+    the run holds one out, under "eval-validation"."""
+    algorithm = experiment.algorithm
+    results: dict[str, Any] = {"eval": algorithm.evaluate(state)}
+    if algorithm.server_data.validation is not None:
+        results["eval-validation"] = algorithm.evaluate(state, algorithm.server_data.validation)
+    return results
 
 
 def format_progress(line: dict[str, Any], total_rounds: int, elapsed: float | None = None, left: float | None = None) -> str:
@@ -178,12 +189,16 @@ def summarise(
         model: max(line["eval"][model]["accuracy"] for line in evaluated)
         for model in evaluated[-1]["eval"]
     }
+    validation = {}
+    if "eval-validation" in evaluated[-1]:
+        validation = {"validation": {"start": evaluated[0]["eval-validation"], "final": evaluated[-1]["eval-validation"]}}
     return {
         **description,
         "rounds": history[-1]["round"],
         "start": evaluated[0]["eval"],
         "final": evaluated[-1]["eval"],
         "best-accuracy": best,
+        **validation,
         "wall-time": round(wall_time, 2),
         "resources": resources["totals"],
         "reductions-vs-fedavg-large": {
@@ -228,6 +243,7 @@ def run_experiment(
         else:
             state, history = _start_run(experiment, run_dir, elapsed)
             echo(format_progress(history[0], config.rounds))
+        run_dir.record_session(environment(engine))
         return _run_rounds(experiment, dispatch, run_dir, state, history, description, elapsed, echo)
     except BaseException as exc:  # including Ctrl-C: a started run is marked failed, then the error goes on
         if run_dir.started:
@@ -254,7 +270,7 @@ def _start_run(experiment: Experiment, run_dir: RunDirectory, elapsed: Callable[
     run_dir.start(experiment.config)
     first_line = {
         "round": 0,
-        "eval": experiment.algorithm.evaluate(state),
+        **evaluation(experiment, state),
         **start_metrics.values,
         "resources": round_resources(experiment.costs, [], start_metrics.work),
     }
@@ -294,5 +310,6 @@ def _run_rounds(
     run_dir.mark("complete", rounds=config.rounds)
     echo("final: " + "  ".join(f"{m} {100 * r['accuracy']:.2f}%" for m, r in summary["final"].items()))
     echo(format_savings(resources))
-    echo(f"wrote {run_dir.path}/ ({CONFIG_FILE}, {METRICS_FILE}, {RESOURCES_FILE}, {SUMMARY_FILE}, {CHECKPOINT_FILE})")
+    echo(f"wrote {run_dir.path}/ ({CONFIG_FILE}, {METRICS_FILE}, {RESOURCES_FILE}, {SUMMARY_FILE}, {CHECKPOINT_FILE}, "
+         f"{ENVIRONMENT_FILE})")
     return RunResult(run_dir.path, history, summary)

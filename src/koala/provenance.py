@@ -1,0 +1,48 @@
+"""Where a run's numbers came from: the project's commit (and whether its tree had changes), the
+versions of Python and torch, and the threads torch used. A table of results names the commit it
+was produced with; this is how a run directory says it."""
+
+from __future__ import annotations
+
+import platform
+import subprocess
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+import torch
+
+PACKAGE_DIR = Path(__file__).resolve().parent
+
+
+def _git(*args: str) -> str | None:
+    """The output of a git command run in the package's checkout, or None (no git, not a checkout)."""
+    try:
+        done = subprocess.run(["git", "-C", str(PACKAGE_DIR), *args], capture_output=True, text=True, timeout=10)
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    return done.stdout.strip() if done.returncode == 0 else None
+
+
+def source_version() -> dict[str, Any]:
+    """The commit the `koala` package was imported from, and whether tracked files differ from it;
+    for an installed (non-checkout) package, its version instead."""
+    top = _git("rev-parse", "--show-toplevel")
+    if top is not None and (Path(top) / "src" / "koala").resolve() == PACKAGE_DIR:
+        status = _git("status", "--porcelain", "--untracked-files=no")
+        return {"commit": _git("rev-parse", "HEAD"), "dirty": bool(status) if status is not None else None}
+    try:
+        return {"commit": None, "dirty": None, "version": metadata.version("koala-fl")}
+    except metadata.PackageNotFoundError:
+        return {"commit": None, "dirty": None}
+
+
+def environment(engine: str) -> dict[str, Any]:
+    """What produced a run: the source version, Python, torch, the thread count and the engine."""
+    return {
+        **source_version(),
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "threads": torch.get_num_threads(),
+        "engine": engine,
+    }
