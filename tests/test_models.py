@@ -16,6 +16,9 @@ SPECS = [pytest.param(MNIST, id="1x28x28"), pytest.param(CIFAR, id="3x32x32")]
 # Recorded parameter counts: (1x28x28, 10 classes), (3x32x32, 10 classes).
 PARAMETERS: dict[str, tuple[int, int]] = {
     "lenet": (105_866, 136_874),
+    "lenet-narrow": (26_698, 34_522),  # by hand: 80 + 1,168 + 25,120 + 330 at 1x28x28
+    "lenet-wide": (421_642, 545_098),  # by hand: 320 + 18,496 + 401,536 + 1,290
+    "shufflenetv2-0.5-ds": (351_610, 352_042),  # the stem's stride changes no weight
     "mobilenetv2": (2_236_106, 2_236_682),
     "mobilenetv3-small": (1_527_818, 1_528_106),
     "shufflenetv2": (1_263_422, 1_263_854),
@@ -108,7 +111,8 @@ def test_small_models_backpropagate(name: str, spec: InputSpec):
 
 def test_roles():
     assert set(model_names("small")) == {
-        "lenet", "mobilenetv2", "mobilenetv3-small", "shufflenetv2", "shufflenetv2-0.5",
+        "lenet", "lenet-narrow", "lenet-wide", "mobilenetv2", "mobilenetv3-small", "shufflenetv2", "shufflenetv2-0.5",
+        "shufflenetv2-0.5-ds",
         "mobilenetv2-imagenet", "mobilenetv3-small-imagenet", "shufflenetv2-imagenet",
     }
     assert set(model_names("large")) == set(model_names()) - set(model_names("small"))
@@ -142,3 +146,42 @@ def test_vgg_skips_pools_on_a_1x1_map():
     assert len(pools) == 4  # 28 -> 14 -> 7 -> 3 -> 1, the fifth pool is skipped
     pools = [m for m in build_model("vgg11", CIFAR).features if isinstance(m, torch.nn.MaxPool2d)]
     assert len(pools) == 5
+
+
+def test_small_models_train_in_channels_last_and_hand_back_contiguous_weights() -> None:
+    import torch.nn.functional as F
+
+    from koala.algorithms.models import initial_state, instantiate, module_state
+
+    spec = InputSpec(1, 28, 10)
+    for name, layout in (("lenet", torch.channels_last), ("resnet18-ds", torch.contiguous_format)):
+        model = instantiate(name, spec, initial_state(name, spec, 0), "cpu")
+        conv = next(m for m in model.modules() if isinstance(m, torch.nn.Conv2d))
+        assert conv.weight.is_contiguous(memory_format=layout)
+        assert all(t.is_contiguous() for t in module_state(model).values())
+    # the same SGD steps in either layout give the same weights within float tolerance
+    state = initial_state("lenet", spec, 0)
+    images, labels = torch.randn(64, 1, 28, 28, generator=torch.Generator().manual_seed(0)), torch.arange(64) % 10
+    results = []
+    for channels_last in (False, True):
+        model = instantiate("lenet", spec, state, "cpu")
+        model = model.to(memory_format=torch.channels_last if channels_last else torch.contiguous_format)
+        optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+        for _ in range(5):
+            optimizer.zero_grad()
+            F.cross_entropy(model(images), labels).backward()
+            optimizer.step()
+        results.append(module_state(model))
+    assert all(torch.allclose(results[0][k], results[1][k], atol=2e-4) for k in state)  # measured: 4.4e-5
+    assert any(not torch.equal(results[0][k], state[k]) for k in state)
+
+
+def test_the_small_model_ladder_spans_under_2_to_over_50_training_mflops() -> None:
+    from koala.accounting import CostTable
+
+    costs = CostTable(InputSpec(1, 28, 10), 64, momentum=True)
+    flops = {name: costs[name].train_flops_per_sample / 1e6 for name in
+             ("lenet-narrow", "lenet", "lenet-wide", "shufflenetv2-0.5-ds", "shufflenetv2-0.5")}
+    assert flops["lenet-narrow"] < 2 < flops["lenet"] < flops["shufflenetv2-0.5-ds"] < flops["lenet-wide"]
+    assert flops["shufflenetv2-0.5"] > 50
+    assert flops["shufflenetv2-0.5-ds"] < flops["shufflenetv2-0.5"] / 3  # the stride-2 stem quarters the cost

@@ -12,7 +12,7 @@ from torch import nn
 from koala.aggregate import StateDict
 from koala.data.dataset import ImageSplit
 from koala.errors import ModelError
-from koala.models import InputSpec, build_model
+from koala.models import InputSpec, build_model, model_entry
 from koala.seeding import seeded_torch
 from koala.training import evaluate
 
@@ -21,17 +21,20 @@ def instantiate(architecture: str, spec: InputSpec, state: StateDict, device: to
     """A module of `architecture` holding a private copy of `state` on `device`.
 
     The module is built on the meta device, so no random initialisation is spent on weights that
-    are overwritten at once.
+    are overwritten at once, and laid out in the architecture's memory format.
     """
     with torch.device("meta"):
         model = build_model(architecture, spec)
     model.load_state_dict({k: v.to(device, copy=True) for k, v in state.items()}, assign=True)
+    if model_entry(architecture).memory_format == "channels_last":
+        model = model.to(memory_format=torch.channels_last)
     return model
 
 
 def module_state(model: nn.Module) -> StateDict:
-    """The module's state dict, detached from autograd, on the CPU-or-device it lives on."""
-    return {k: v.detach() for k, v in model.state_dict().items()}
+    """The module's state dict, detached from autograd and contiguous (whatever layout the module
+    trained in), on the CPU-or-device it lives on."""
+    return {k: v.detach().contiguous() for k, v in model.state_dict().items()}
 
 
 def initial_state(architecture: str, spec: InputSpec, seed: int) -> StateDict:

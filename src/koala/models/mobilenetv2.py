@@ -66,13 +66,13 @@ class MobileNetV2(nn.Module):
         return self.classifier(self.features(x).mean((2, 3)))
 
 
-@register_model("mobilenetv2", "small", "MobileNetV2 x1.0 (stride-1 stem for images <= 64 px)")
+@register_model("mobilenetv2", "small", "MobileNetV2 x1.0 (stride-1 stem for images <= 64 px)", memory_format="channels_last")
 def mobilenetv2(spec: InputSpec) -> nn.Module:
     """MobileNetV2 for `spec`; the stem keeps full resolution on small images."""
     return MobileNetV2(spec.channels, spec.num_classes, stem_stride=stem_stride(spec.image_size))
 
 
-@register_model("mobilenetv2-imagenet", "small", "MobileNetV2 x1.0, torchvision's ImageNet layout (stride-2 stem)")
+@register_model("mobilenetv2-imagenet", "small", "MobileNetV2 x1.0, torchvision's ImageNet layout (stride-2 stem)", memory_format="channels_last")
 def mobilenetv2_imagenet(spec: InputSpec) -> nn.Module:
     """MobileNetV2 with the ImageNet stem at any image size."""
     return MobileNetV2(spec.channels, spec.num_classes, stem_stride=2)

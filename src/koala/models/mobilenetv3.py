@@ -128,13 +128,13 @@ class MobileNetV3Small(nn.Module):
         return self.classifier(self.pool(self.features(x)).flatten(1))
 
 
-@register_model("mobilenetv3-small", "small", "MobileNetV3-Small (stride-1 stem for images <= 64 px)")
+@register_model("mobilenetv3-small", "small", "MobileNetV3-Small (stride-1 stem for images <= 64 px)", memory_format="channels_last")
 def mobilenetv3_small(spec: InputSpec) -> nn.Module:
     """MobileNetV3-Small for `spec`; the stem keeps full resolution on small images."""
     return MobileNetV3Small(spec.channels, spec.num_classes, stem_stride=stem_stride(spec.image_size))
 
 
-@register_model("mobilenetv3-small-imagenet", "small", "MobileNetV3-Small, torchvision's ImageNet layout (stride-2 stem)")
+@register_model("mobilenetv3-small-imagenet", "small", "MobileNetV3-Small, torchvision's ImageNet layout (stride-2 stem)", memory_format="channels_last")
 def mobilenetv3_small_imagenet(spec: InputSpec) -> nn.Module:
     """MobileNetV3-Small with the ImageNet stem at any image size."""
     return MobileNetV3Small(spec.channels, spec.num_classes, stem_stride=2)

@@ -1,0 +1,296 @@
+"""Benchmark: where KOALA's large model matches FedAvg-large (issue 15, "Fidelity II").
+
+All of Fashion-MNIST in the reference setting: 5,000 training images held out as the validation
+split (every choice is made on it), 6,000 as the server's proxy set (its first 1,000 labelled),
+the other 49,000 over 20 clients by Dirichlet(0.5); the official 10,000-image test split is only
+reported. Each row is a config in configs/ with overrides; rows are grouped by the one dimension
+they move around the shipped configuration (`koala-homogeneous`).
+
+    python benchmarks/fidelity.py run --rows koala "fedavg-large lr=0.01" --seeds 0 1 2 --out OUT
+    python benchmarks/fidelity.py select --group distill-lr --out OUT        # validation only
+    python benchmarks/fidelity.py table --group proxy --seeds 0 1 --out OUT  # test split, for RESULTS
+    python benchmarks/fidelity.py frontier --out OUT --plot benchmarks/figures/frontier.png
+    python benchmarks/fidelity.py by-round --rows koala "fedavg-large lr=0.01" --out OUT --plot PNG
+
+Runs are one torch thread each (`threads=1`); start several processes with disjoint rows to use
+more cores. A row's run directory is reused when its summary exists.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+
+from koala.config import load_config  # noqa: E402
+from koala.engine.local import run_local  # noqa: E402
+from koala.run_dir import ENVIRONMENT_FILE, SUMMARY_FILE, read_metrics  # noqa: E402
+
+CONFIGS = Path(__file__).resolve().parent.parent / "configs"
+REFERENCE = ["data.validation-size=5000", "data.proxy-size=6000", "threads=1"]
+ROUNDS = 20
+LADDER = ["lenet-narrow", "lenet", "mobilenetv3-small-imagenet", "shufflenetv2-0.5-ds", "lenet-wide",
+          "mobilenetv3-small", "shufflenetv2-0.5"]
+"""The small models, by training FLOPs a sample on 28x28 (1.7 to 54 M)."""
+
+
+@dataclass(frozen=True)
+class Row:
+    config: str
+    overrides: list[str] = field(default_factory=list)
+    rounds: int = ROUNDS
+    group: str = ""
+
+
+def _koala(*overrides: str, group: str, rounds: int = ROUNDS) -> Row:
+    return Row("koala-homogeneous", list(overrides), rounds, group)
+
+
+LABEL_FREE = ["distill.reverse-ce-weight=0.0"]
+"""The shipped recipe without labels during the rounds (the start stays pretrained on 1,000)."""
+
+ROWS: dict[str, Row] = {
+    # the reference: the shipped configuration, run to 40 rounds (its round 20 is the 20-round figure)
+    "koala": _koala(group="reference", rounds=40),
+    **{f"fedavg-large lr={lr}": Row("fedavg-large", [f"client.lr={lr}"], group="fedavg-large-lr")
+       for lr in ("0.003", "0.01", "0.03")},
+    **{f"fedavg-small {arch}": Row("fedavg-small", [f"models.small=['{arch}']"], 40 if arch == "lenet" else ROUNDS,
+                                   "fedavg-small") for arch in LADDER},
+    **{f"fedavg-small {arch} epochs={e}": Row("fedavg-small", [f"models.small=['{arch}']", f"client.epochs={e}"],
+                                              group="fedavg-small") for arch in ("lenet-narrow", "lenet") for e in (2, 5)},
+    # distillation learning rates (reverse, forward), one at a time
+    **{f"koala {role}-lr={lr}": _koala(f"distill.{role}.lr={lr}", group="distill-lr")
+       for role in ("reverse", "forward") for lr in ("0.003", "0.03")},
+    # proxy-set size, the clients fixed on the same 30,000 images (the most that 24,000 proxy images leave)
+    **{f"koala proxy={n}": _koala(f"data.proxy-size={n}", "data.client-size=30000", group="proxy")
+       for n in (1200, 6000, 12000, 24000)},
+    # the labelled server set: 0 (random start, no CE), 100, 1,000 (the reference), 5,000
+    "koala labelled=0": _koala("data.proxy-labelled=0", "large-init.kind='random'", *LABEL_FREE, group="labelled"),
+    **{f"koala labelled={n}": _koala(f"data.proxy-labelled={n}", group="labelled") for n in (100, 5000)},
+    # local epochs, reverse-distillation epochs (with CE)
+    **{f"koala epochs={e}": _koala(f"client.epochs={e}", group="epochs") for e in (2, 5)},
+    "koala reverse-epochs=3": _koala("distill.reverse.epochs=3", group="reverse-epochs"),
+    # the ladder of small models, and local epochs on the cheapest ones: the frontier
+    **{f"koala {arch}": _koala(f"models.small=['{arch}']", group="ladder") for arch in LADDER if arch != "lenet"},
+    **{f"koala lenet-narrow epochs={e}": _koala("models.small=['lenet-narrow']", f"client.epochs={e}", group="ladder")
+       for e in (2, 5)},
+}
+GROUPS = sorted({row.group for row in ROWS.values()})
+
+
+def run_dir(out: Path, row: str, seed: int) -> Path:
+    slug = row.replace(" ", "-").replace("=", "").replace("+", "plus-").replace("'", "")
+    return out / f"{slug}-seed{seed}"
+
+
+def run_rows(rows: list[str], seeds: list[int], out: Path, extra: list[str]) -> None:
+    for row in rows:
+        spec = ROWS[row]
+        for seed in seeds:
+            target = run_dir(out, row, seed)
+            if (target / SUMMARY_FILE).is_file():
+                print(f"{target} exists, reusing it")
+                continue
+            overrides = [*REFERENCE, *spec.overrides, f"seed={seed}", f"rounds={spec.rounds}", *extra]
+            run_local(load_config(CONFIGS / f"{spec.config}.toml", overrides), target)
+
+
+# -- reading runs ---------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class RunRead:
+    """One finished run: accuracy by round on either split, costs, and the code that produced it."""
+
+    lines: list[dict[str, Any]]
+    summary: dict[str, Any]
+    commit: str | None
+
+    @classmethod
+    def load(cls, path: Path) -> RunRead | None:
+        if not (path / SUMMARY_FILE).is_file():
+            return None
+        sessions = json.loads((path / ENVIRONMENT_FILE).read_text())["sessions"] if (path / ENVIRONMENT_FILE).is_file() else []
+        commit = sessions[0]["commit"][:7] + ("+dirty" if sessions[0]["dirty"] else "") if sessions and sessions[0]["commit"] else None
+        return cls(read_metrics(path), json.loads((path / SUMMARY_FILE).read_text()), commit)
+
+    def headline(self) -> str:
+        """The model a run is judged by: the large one where there is one, else its small model."""
+        names = list(self.lines[0]["eval"])
+        return "large" if "large" in names else names[0]
+
+    def accuracy(self, split: str, model: str | None = None, at_round: int | None = None) -> float | None:
+        key = "eval" if split == "test" else "eval-validation"
+        model = model or self.headline()
+        evaluated = [line for line in self.lines if key in line and (at_round is None or line["round"] <= at_round)]
+        if not evaluated or (at_round is not None and evaluated[-1]["round"] != at_round):
+            return None
+        return evaluated[-1][key][model]["accuracy"]
+
+    def by_round(self, split: str, model: str | None = None) -> list[tuple[int, float]]:
+        key = "eval" if split == "test" else "eval-validation"
+        model = model or self.headline()
+        return [(line["round"], line[key][model]["accuracy"]) for line in self.lines if key in line]
+
+    def small_models(self) -> list[str]:
+        return [m for m in self.lines[0]["eval"] if m.startswith("small:")]
+
+    def client_flops_per_round(self, at_round: int) -> float:
+        return statistics.mean(line["resources"]["client-flops"] for line in self.lines if 0 < line["round"] <= at_round)
+
+
+def _runs(out: Path, row: str, seeds: list[int]) -> list[RunRead]:
+    return [run for seed in seeds if (run := RunRead.load(run_dir(out, row, seed))) is not None]
+
+
+def _cell(values: list[float]) -> str:
+    values = [v for v in values if v is not None]
+    if not values:
+        return "–"
+    if len(values) == 1:
+        return f"{100 * values[0]:.2f} (1 seed)"
+    return f"{100 * statistics.mean(values):.2f} ± {100 * (max(values) - min(values)) / 2:.2f}"
+
+
+def _mean(values: list[float | None]) -> float | None:
+    values = [v for v in values if v is not None]
+    return statistics.mean(values) if values else None
+
+
+def table(rows: list[str], seeds: list[int], out: Path, split: str, at_round: int) -> str:
+    """Markdown: each row's large model at the start and at `at_round`, its small model(s), the
+    clients' training TFLOPs a round, the seeds and the commit(s) that produced the runs."""
+    lines = [f"| row | start | large model, round {at_round} | small model(s), round {at_round} "
+             "| client TFLOPs / round | seeds | commit |", "|---|---|---|---|---|---|---|"]
+    for row in rows:
+        runs = [r for r in _runs(out, row, seeds) if r.accuracy(split, at_round=at_round) is not None]
+        if not runs:
+            continue
+        has_large = runs[0].headline() == "large"
+        start = _cell([r.accuracy(split, "large", 0) for r in runs]) if has_large else "–"
+        large = _cell([r.accuracy(split, at_round=at_round) for r in runs]) if has_large else "–"
+        small = ", ".join(f"{m[6:]} {_cell([r.accuracy(split, m, at_round) for r in runs])}" for m in runs[0].small_models())
+        flops = statistics.mean(r.client_flops_per_round(at_round) for r in runs) / 1e12
+        commits = ", ".join(sorted({r.commit or "?" for r in runs}))
+        lines.append(f"| {row} | {start} | {large} | {small or '–'} | {flops:.3f} | {len(runs)} | {commits} |")
+    return "\n".join(lines)
+
+
+def select(group: str, seeds: list[int], out: Path, at_round: int) -> str:
+    """The group's rows (and the reference) ranked by the validation accuracy of their headline model."""
+    rows = ["koala", *[name for name, row in ROWS.items() if row.group == group]] if group != "fedavg-large-lr" else \
+        [name for name, row in ROWS.items() if row.group == group]
+    ranked = []
+    for row in rows:
+        value = _mean([r.accuracy("validation", at_round=at_round) for r in _runs(out, row, seeds)])
+        if value is not None:
+            ranked.append((value, row))
+    ranked.sort(reverse=True)
+    return "\n".join(f"{100 * value:.2f}  {row}" for value, row in ranked)
+
+
+def by_round_plot(rows: list[str], seeds: list[int], out: Path, split: str, path: Path) -> None:
+    fig, ax = plt.subplots(figsize=(9, 6))
+    for row in rows:
+        runs = _runs(out, row, seeds)
+        if not runs:
+            continue
+        curves = [dict(r.by_round(split)) for r in runs]
+        rounds = sorted(set.intersection(*(set(c) for c in curves)))
+        mean = [100 * statistics.mean(c[r] for c in curves) for r in rounds]
+        low = [100 * min(c[r] for c in curves) for r in rounds]
+        high = [100 * max(c[r] for c in curves) for r in rounds]
+        style = "-" if runs[0].headline() == "large" else "--"
+        (line,) = ax.plot(rounds, mean, style, marker="o", markersize=2, label=f"{row} ({runs[0].headline()})")
+        ax.fill_between(rounds, low, high, color=line.get_color(), alpha=0.15)
+    ax.set(xlabel="round", ylabel=f"{split} accuracy (%)", title="Accuracy by round (mean over seeds, range shaded)")
+    ax.grid(True, alpha=0.3)
+    ax.legend(fontsize=7, loc="lower right")
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def frontier(seeds: list[int], out: Path, split: str, at_round: int, plot: Path | None) -> str:
+    """The large model's accuracy at `at_round` against the clients' training TFLOPs a round, for
+    every small model and local-epoch count, with FedAvg-large and each FedAvg-small."""
+    points: list[tuple[str, str, float, float]] = []  # (kind, label, flops, accuracy)
+    koala_rows = {"koala": "lenet", **{name: name.removeprefix("koala ") for name, row in ROWS.items()
+                                       if row.group in ("ladder", "epochs")}}
+    for name, label in koala_rows.items():
+        runs = [r for r in _runs(out, name, seeds) if r.accuracy(split, at_round=at_round) is not None]
+        if runs:
+            points.append(("KOALA large model", label, statistics.mean(r.client_flops_per_round(at_round) for r in runs),
+                           statistics.mean(r.accuracy(split, at_round=at_round) for r in runs)))
+    for name, row in ROWS.items():
+        if row.group not in ("fedavg-small", "fedavg-large-lr"):
+            continue
+        runs = [r for r in _runs(out, name, seeds) if r.accuracy(split, at_round=at_round) is not None]
+        if runs:
+            kind = "FedAvg-small" if row.group == "fedavg-small" else "FedAvg-large"
+            points.append((kind, name.split(" ", 1)[1], statistics.mean(r.client_flops_per_round(at_round) for r in runs),
+                           statistics.mean(r.accuracy(split, at_round=at_round) for r in runs)))
+    lines = [f"| method | model / setting | client TFLOPs / round | {split} accuracy, round {at_round} |",
+             "|---|---|---|---|"]
+    lines += [f"| {kind} | {label} | {flops / 1e12:.3f} | {100 * acc:.2f} |" for kind, label, flops, acc in
+              sorted(points, key=lambda p: (p[0], p[2]))]
+    if plot is not None:
+        fig, ax = plt.subplots(figsize=(9, 6))
+        for kind, marker in (("KOALA large model", "o"), ("FedAvg-small", "s"), ("FedAvg-large", "^")):
+            chosen = [p for p in points if p[0] == kind]
+            if not chosen:
+                continue
+            ax.scatter([p[2] / 1e12 for p in chosen], [100 * p[3] for p in chosen], marker=marker, label=kind)
+            for _, label, flops, acc in chosen:
+                ax.annotate(label, (flops / 1e12, 100 * acc), fontsize=6, xytext=(3, 3), textcoords="offset points")
+        ax.set(xscale="log", xlabel="clients' training TFLOPs a round (all 20 clients)",
+               ylabel=f"{split} accuracy at round {at_round} (%)", title="Accuracy against client compute")
+        ax.grid(True, alpha=0.3)
+        ax.legend()
+        fig.tight_layout()
+        plot.parent.mkdir(parents=True, exist_ok=True)
+        fig.savefig(plot, dpi=100)
+        plt.close(fig)
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("command", choices=["run", "table", "select", "frontier", "by-round", "rows"])
+    parser.add_argument("--rows", nargs="+", default=[], metavar="ROW")
+    parser.add_argument("--group", choices=GROUPS)
+    parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1])
+    parser.add_argument("--out", type=Path, default=Path("benchmarks/out/fidelity2"))
+    parser.add_argument("--split", choices=["test", "validation"], default="test")
+    parser.add_argument("--at-round", type=int, default=ROUNDS)
+    parser.add_argument("--plot", type=Path)
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="extra override for every run")
+    args = parser.parse_args()
+    unknown = [row for row in args.rows if row not in ROWS]
+    if unknown:
+        parser.error(f"unknown rows {unknown}; `rows` lists them")
+    rows = args.rows or [name for name, row in ROWS.items() if args.group is None or row.group == args.group]
+    commands: dict[str, Callable[[], None]] = {
+        "run": lambda: run_rows(rows, args.seeds, args.out, args.set),
+        "table": lambda: print(table(rows, args.seeds, args.out, args.split, args.at_round)),
+        "select": lambda: print(select(args.group, args.seeds, args.out, args.at_round)),
+        "frontier": lambda: print(frontier(args.seeds, args.out, args.split, args.at_round, args.plot)),
+        "by-round": lambda: by_round_plot(rows, args.seeds, args.out, args.split, args.plot),
+        "rows": lambda: print("\n".join(f"{name}  [{row.group}] {row.config} {' '.join(row.overrides)} "
+                                        f"rounds={row.rounds}" for name, row in ROWS.items())),
+    }
+    if args.command == "select" and args.group is None:
+        parser.error("select needs --group")
+    commands[args.command]()
+
+
+if __name__ == "__main__":
+    main()
