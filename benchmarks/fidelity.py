@@ -57,6 +57,17 @@ def _koala(*overrides: str, group: str, rounds: int = ROUNDS) -> Row:
 
 LABEL_FREE = ["distill.reverse-ce-weight=0.0"]
 """The shipped recipe without labels during the rounds (the start stays pretrained on 1,000)."""
+ANCHORS = {
+    "+initial-forward": ["distill.initial-forward-epochs=10"],
+    "+selection": ["distill.reverse-selection='confidence'"],
+    "+self=0.3": ["distill.reverse-self-weight=0.3"],
+    "+self=0.6": ["distill.reverse-self-weight=0.6"],
+    "+initial-forward +selection": ["distill.initial-forward-epochs=10", "distill.reverse-selection='confidence'"],
+    "+initial-forward +self=0.3": ["distill.initial-forward-epochs=10", "distill.reverse-self-weight=0.3"],
+    "+initial-forward +selection +self=0.3": ["distill.initial-forward-epochs=10",
+                                              "distill.reverse-selection='confidence'", "distill.reverse-self-weight=0.3"],
+}
+"""The label-free anchors (issue 15 part 5), alone and combined."""
 
 ROWS: dict[str, Row] = {
     # the reference: the shipped configuration, run to 40 rounds (its round 20 is the 20-round figure)
@@ -79,6 +90,11 @@ ROWS: dict[str, Row] = {
     # local epochs, reverse-distillation epochs (with CE)
     **{f"koala epochs={e}": _koala(f"client.epochs={e}", group="epochs") for e in (2, 5)},
     "koala reverse-epochs=3": _koala("distill.reverse.epochs=3", group="reverse-epochs"),
+    # no labels during the rounds (the start pretrained on 1,000), with and without the label-free anchors
+    "label-free": _koala(*LABEL_FREE, group="label-free"),
+    **{f"label-free {name}": _koala(*LABEL_FREE, *overrides, group="label-free") for name, overrides in ANCHORS.items()},
+    # the same anchors beside the labelled CE term of the shipped recipe
+    **{f"koala {name}": _koala(*overrides, group="anchors") for name, overrides in ANCHORS.items()},
     # the ladder of small models, and local epochs on the cheapest ones: the frontier
     **{f"koala {arch}": _koala(f"models.small=['{arch}']", group="ladder") for arch in LADDER if arch != "lenet"},
     **{f"koala lenet-narrow epochs={e}": _koala("models.small=['lenet-narrow']", f"client.epochs={e}", group="ladder")
@@ -185,8 +201,9 @@ def table(rows: list[str], seeds: list[int], out: Path, split: str, at_round: in
 
 def select(group: str, seeds: list[int], out: Path, at_round: int) -> str:
     """The group's rows (and the reference) ranked by the validation accuracy of their headline model."""
-    rows = ["koala", *[name for name, row in ROWS.items() if row.group == group]] if group != "fedavg-large-lr" else \
-        [name for name, row in ROWS.items() if row.group == group]
+    rows = [name for name, row in ROWS.items() if row.group == group]
+    if group not in ("fedavg-large-lr", "fedavg-small", "label-free"):
+        rows.insert(0, "koala")  # the reference, which every other group moves one dimension away from
     ranked = []
     for row in rows:
         value = _mean([r.accuracy("validation", at_round=at_round) for r in _runs(out, row, seeds)])

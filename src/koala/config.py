@@ -207,6 +207,22 @@ class DistillConfig(_Section):
     reverse_ce_weight: float = Field(
         0.0, ge=0, description="weight of cross-entropy on the labelled server set in reverse distillation (0 = off)"
     )
+    reverse_self_weight: float = Field(
+        0.0, ge=0, lt=1,
+        description="share of the large model's own softened predictions, from before the round, in the reverse "
+        "targets: self-distillation that anchors it without labels (0 = off)",
+    )
+    reverse_selection: Literal["none", "confidence"] = Field(
+        "none",
+        description="confidence: per proxy image, the reverse target is the fused teachers' only where they are at "
+        "least as confident as the large model was before the round, else its own prediction (label-free "
+        "selective fusion)",
+    )
+    initial_forward_epochs: int = Field(
+        0, ge=0,
+        description="before round 1, distil the starting large model into every small model for this many epochs "
+        "(forward settings otherwise), so that the clients' first models carry its knowledge (0 = off)",
+    )
 
 
 class FlowerConfig(_Section):
@@ -254,6 +270,12 @@ class ExperimentConfig(_Section):
                     f"{setting} needs a labelled server set: set data.proxy-labelled "
                     "to the number of proxy images the server has labels for"
                 )
+        if self.distill.initial_forward_epochs and self.large_init.kind == "random":
+            raise ValueError(
+                "distill.initial-forward-epochs > 0 distils the starting large model into the small ones, but "
+                "large-init.kind = 'random' starts it untrained: set large-init.kind to 'pretrain' or 'file', "
+                "or distill.initial-forward-epochs = 0"
+            )
         if self.large_init.kind == "pretrain" and self.data.proxy_labelled == 0:
             raise ValueError(
                 "large-init.kind = 'pretrain' needs a labelled server set: set data.proxy-labelled "

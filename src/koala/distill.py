@@ -32,6 +32,26 @@ def labelled_cross_entropy(student_logits: torch.Tensor, labels: torch.Tensor) -
     return (ce * known).sum() / known.sum().clamp(min=1)
 
 
+def anchored_targets(
+    teacher_probs: torch.Tensor, own_probs: torch.Tensor, selection: str, self_weight: float
+) -> torch.Tensor:
+    """Reverse targets that keep the large model's own knowledge where its teachers add none,
+    without labels. `own_probs` are the large model's softened predictions from before the round.
+
+    selection "confidence": per example, the teachers' target where their top probability is at
+    least the large model's, else the large model's own (FedGEMS-style selective fusion with
+    confidence in place of labels). Then `self_weight` of the large model's own prediction is mixed
+    in (self-distillation). With "none" and 0, the teachers' targets are returned unchanged.
+    """
+    targets = teacher_probs
+    if selection == "confidence":
+        kept = teacher_probs.max(dim=-1).values >= own_probs.max(dim=-1).values
+        targets = torch.where(kept[:, None], teacher_probs, own_probs)
+    if self_weight:
+        targets = (1 - self_weight) * targets + self_weight * own_probs
+    return targets
+
+
 def teacher_quality_weight(teacher_accuracy: float, student_accuracy: float) -> float:
     """The reverse-KD weight that protects a better student from a weaker teacher: the teacher's
     accuracy over the student's (both on the labelled server set), at most 1."""

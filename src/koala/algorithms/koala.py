@@ -14,7 +14,8 @@ import torch
 from koala.aggregate import ClientUpdate, GroupAggregate, StateDict, aggregate_by_architecture, fedavg
 from koala.algorithms.base import Algorithm, RoundMetrics, ServerState
 from koala.algorithms.models import instantiate, module_state
-from koala.distill import fusion_rule, soft_targets, teacher_quality_weight
+from koala.config import DistillOptimizerConfig
+from koala.distill import anchored_targets, fusion_rule, soft_targets, teacher_quality_weight
 from koala.seeding import derive_seed
 from koala.training import Teacher, evaluate, predict_logits, train_distill
 
@@ -32,11 +33,18 @@ class Koala(Algorithm):
         return self.assignment[client_id]
 
     def initial_state(self, metrics: RoundMetrics) -> ServerState:
-        return ServerState(
-            round=0,
-            large=self.initial_large_state(metrics),
-            small=self.initial_small_states(self.config.models.small),
-        )
+        """The large model's start and fresh small models; with `distill.initial-forward-epochs`,
+        the start is first distilled into every small model, so the clients' first models carry it."""
+        large = self.initial_large_state(metrics)
+        small = self.initial_small_states(self.config.models.small)
+        epochs = self.config.distill.initial_forward_epochs
+        if epochs:
+            settings = self.config.distill.forward.model_copy(update={"epochs": epochs})
+            large_model = instantiate(self.config.models.large, self.spec, large, self.device)
+            targets = self._large_targets(large_model, metrics)(self.server_data.proxy_images)
+            small = {arch: self._distil_small(arch, weights, targets, settings, 0, metrics, None)
+                     for arch, weights in small.items()}
+        return ServerState(round=0, large=large, small=small)
 
     def server_round(self, state: ServerState, updates: Sequence[ClientUpdate], metrics: RoundMetrics) -> ServerState:
         round_number = state.round + 1
@@ -122,6 +130,8 @@ class Koala(Algorithm):
         distill = self.config.distill
         student = instantiate(self.config.models.large, self.spec, large, self.device)
         proxy = self.server_data.proxy_images
+        if distill.reverse_selection != "none" or distill.reverse_self_weight:
+            teacher = self._anchored(teacher, large, metrics)
         kd_weight = 1.0
         if distill.reverse_kd_scaling == "teacher-quality":
             kd_weight = self._teacher_quality(teacher, student, metrics)
@@ -134,6 +144,23 @@ class Koala(Algorithm):
         metrics.values["reverse-loss"] = outcome.loss
         metrics.add_work(self.config.models.large, "train", outcome.samples)
         return student
+
+    def _anchored(self, teacher: torch.Tensor | Teacher, large: StateDict, metrics: RoundMetrics) -> torch.Tensor | Teacher:
+        """The reverse teacher anchored to the large model as it was before the round
+        (`anchored_targets`: confidence selection and self-distillation, no labels)."""
+        distill = self.config.distill
+        before = instantiate(self.config.models.large, self.spec, large, self.device)
+        own = self._large_targets(before, metrics)
+
+        if callable(teacher):
+            return lambda images: anchored_targets(
+                teacher(images), own(images), distill.reverse_selection, distill.reverse_self_weight
+            )
+        own_probs = own(self.server_data.proxy_images)
+        if distill.reverse_selection == "confidence":  # the share of proxy images where the teachers are kept
+            kept = teacher.max(dim=-1).values >= own_probs.max(dim=-1).values
+            metrics.values["reverse-teacher-kept"] = float(kept.float().mean())
+        return anchored_targets(teacher, own_probs, distill.reverse_selection, distill.reverse_self_weight)
 
     def _teacher_quality(self, teacher: torch.Tensor | Teacher, student: torch.nn.Module, metrics: RoundMetrics) -> float:
         """`teacher_quality_weight` of the fused teacher against the large model, on the labelled
@@ -160,28 +187,41 @@ class Koala(Algorithm):
         self, large_model: torch.nn.Module, small: dict[str, StateDict], round_number: int, metrics: RoundMetrics,
         optimizers: dict[str, StateDict],
     ) -> dict[str, StateDict]:
-        distill, proxy = self.config.distill, self.server_data.proxy_images
-
-        def teacher(images: torch.Tensor) -> torch.Tensor:
-            metrics.add_work(self.config.models.large, "inference", len(images))
-            return soft_targets(predict_logits(large_model, images), distill.temperature)
-
+        distill = self.config.distill
+        teacher = self._large_targets(large_model, metrics)
         # unaugmented, the large model's targets are computed once for every small architecture
-        targets = teacher if distill.forward.augments else teacher(proxy)
+        targets = teacher if distill.forward.augments else teacher(self.server_data.proxy_images)
         result = {}
         for arch, weights in small.items():
-            student = instantiate(arch, self.spec, weights, self.device)
-            outcome = train_distill(
-                student, proxy, targets, distill.temperature, distill.forward,
-                derive_seed(self.config.seed, "forward-distill", round_number, arch),
-                momentum=self._momentum(optimizers, f"forward:{arch}"),
+            distilled = self._distil_small(
+                arch, weights, targets, distill.forward, round_number, metrics, self._momentum(optimizers, f"forward:{arch}")
             )
-            metrics.values[f"forward-loss:{arch}"] = outcome.loss
-            metrics.add_work(arch, "train", outcome.samples)
-            distilled = module_state(student)
             mix = distill.forward_mix
             result[arch] = distilled if mix == 1 else fedavg([distilled, weights], [mix, 1 - mix])
         return result
+
+    def _large_targets(self, large_model: torch.nn.Module, metrics: RoundMetrics) -> Teacher:
+        """The large model as forward distillation's teacher: its softened outputs on any images."""
+
+        def teacher(images: torch.Tensor) -> torch.Tensor:
+            metrics.add_work(self.config.models.large, "inference", len(images))
+            return soft_targets(predict_logits(large_model, images), self.config.distill.temperature)
+
+        return teacher
+
+    def _distil_small(
+        self, arch: str, weights: StateDict, targets: torch.Tensor | Teacher, settings: DistillOptimizerConfig,
+        round_number: int, metrics: RoundMetrics, momentum: StateDict | None,
+    ) -> StateDict:
+        """`weights` of `arch` after distilling the large model's targets into them on the proxy set."""
+        student = instantiate(arch, self.spec, weights, self.device)
+        outcome = train_distill(
+            student, self.server_data.proxy_images, targets, self.config.distill.temperature, settings,
+            derive_seed(self.config.seed, "forward-distill", round_number, arch), momentum=momentum,
+        )
+        metrics.values[f"forward-loss:{arch}"] = outcome.loss
+        metrics.add_work(arch, "train", outcome.samples)
+        return module_state(student)
 
 
 class FedDF(Koala):
