@@ -66,6 +66,12 @@ ANCHORS = {
     "+initial-forward +self=0.3": ["distill.initial-forward-epochs=10", "distill.reverse-self-weight=0.3"],
     "+initial-forward +selection +self=0.3": ["distill.initial-forward-epochs=10",
                                               "distill.reverse-selection='confidence'", "distill.reverse-self-weight=0.3"],
+    # the small models then learn from the clients with less (forward mix) or no pull back to the large model
+    "+initial-forward +selection +forward-mix=0.5": ["distill.initial-forward-epochs=10",
+                                                     "distill.reverse-selection='confidence'", "distill.forward-mix=0.5"],
+    "+initial-forward +selection +forward-epochs=0": ["distill.initial-forward-epochs=10",
+                                                      "distill.reverse-selection='confidence'", "distill.forward.epochs=0"],
+    "+selection +forward-epochs=0": ["distill.reverse-selection='confidence'", "distill.forward.epochs=0"],
 }
 """The label-free anchors (issue 15 part 5), alone and combined."""
 
