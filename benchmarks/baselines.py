@@ -23,9 +23,9 @@ import matplotlib.pyplot as plt
 import numpy as np
 
 from koala.config import load_config
-from koala.engine.local import run_local
-from koala.report import load_run, write_report
-from koala.run_dir import SUMMARY_FILE, read_metrics
+from koala.report import load_run, save_figure, write_report
+from koala.run.launch import run_local
+from koala.run.run_dir import SUMMARY_FILE, read_metrics
 
 CONFIGS = Path(__file__).resolve().parent.parent / "configs"
 HETEROGENEOUS = ["models.small=['lenet','shufflenetv2-0.5']", "models.small-shares=[0.5,0.5]"]
@@ -182,10 +182,7 @@ def plot_rows(rows: list[str], seeds: list[int], out: Path, path: Path) -> None:
     for ax in (by_round, by_flops):
         ax.grid(True, alpha=0.3)
     by_round.legend(fontsize=7, loc="lower right")
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
+    save_figure(fig, path)
 
 
 def main() -> None:

@@ -17,9 +17,9 @@ from pathlib import Path
 
 import torch
 
-from koala.checkpoint import CHECKPOINT_FILE, load_checkpoint, save_checkpoint
 from koala.config import config_to_toml, load_config
-from koala.engine.local import run_local
+from koala.run.checkpoint import CHECKPOINT_FILE, load_checkpoint, save_checkpoint
+from koala.run.launch import run_local
 
 
 def _median_seconds(action, repeats: int) -> float:

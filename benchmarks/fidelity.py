@@ -32,8 +32,9 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
 from koala.config import load_config  # noqa: E402
-from koala.engine.local import run_local  # noqa: E402
-from koala.run_dir import ENVIRONMENT_FILE, SUMMARY_FILE, read_metrics  # noqa: E402
+from koala.report import save_figure  # noqa: E402
+from koala.run.launch import run_local  # noqa: E402
+from koala.run.run_dir import ENVIRONMENT_FILE, SUMMARY_FILE, read_metrics  # noqa: E402
 
 CONFIGS = Path(__file__).resolve().parent.parent / "configs"
 REFERENCE = ["data.validation-size=5000", "data.proxy-size=6000", "threads=1"]
@@ -236,10 +237,7 @@ def by_round_plot(rows: list[str], seeds: list[int], out: Path, split: str, path
     ax.set(xlabel="round", ylabel=f"{split} accuracy (%)", title="Accuracy by round (mean over seeds, range shaded)")
     ax.grid(True, alpha=0.3)
     ax.legend(fontsize=7, loc="lower right")
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
+    save_figure(fig, path)
 
 
 def frontier(seeds: list[int], out: Path, split: str, at_round: int, plot: Path | None) -> str:
@@ -278,10 +276,7 @@ def frontier(seeds: list[int], out: Path, split: str, at_round: int, plot: Path 
                ylabel=f"{split} accuracy at round {at_round} (%)", title="Accuracy against client compute")
         ax.grid(True, alpha=0.3)
         ax.legend()
-        fig.tight_layout()
-        plot.parent.mkdir(parents=True, exist_ok=True)
-        fig.savefig(plot, dpi=100)
-        plt.close(fig)
+        save_figure(fig, plot)
     return "\n".join(lines)
 
 

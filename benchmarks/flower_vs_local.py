@@ -18,12 +18,12 @@ from pathlib import Path
 
 from flwr.app import ArrayRecord
 
-from koala.algorithms.models import initial_state
 from koala.config import load_config
 from koala.engine.flower.simulation import run_flower_simulation
-from koala.engine.local import run_local
 from koala.models import InputSpec
-from koala.run_dir import without_times
+from koala.run.launch import run_local
+from koala.run.run_dir import without_times
+from koala.weights import initial_state
 
 CONFIG = Path(__file__).resolve().parent.parent / "configs" / "quickstart.toml"
 

@@ -32,13 +32,15 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from koala.algorithms import ClientTask, local_train, vectorised_local_train
-from koala.algorithms.models import initial_state
+from koala.algorithms.client import local_train
 from koala.config import ExperimentConfig, load_config
 from koala.distill import kd_loss, soft_targets
-from koala.engine.local import run_local
-from koala.experiment import prepare_experiment
+from koala.engine.local import vectorised_local_train
 from koala.models import build_model
+from koala.run.experiment import prepare_experiment
+from koala.run.launch import run_local
+from koala.state import ClientTask
+from koala.weights import initial_state
 
 BASE = ["data.train-limit=0", "data.test-limit=0", "data.partition='iid'", "data.min-client-size=1",
         "models.large='resnet18-ds'", "models.small=['lenet']", "threads=0"]

@@ -11,20 +11,19 @@ import torch
 from safetensors.torch import save as safetensors_bytes
 from torch import nn
 
-from koala.accounting import (
+from koala.accounting.ledger import reduction, reductions_against_fedavg_large
+from koala.accounting.measure import (
     CostTable,
     inference_flops,
     measure_model,
     payload_bytes,
-    reduction,
-    reductions_against_fedavg_large,
     saved_activation_bytes,
     train_step_flops,
 )
 from koala.config import load_config
-from koala.engine.local import run_local
 from koala.models import InputSpec, build_model, count_parameters
-from koala.run_dir import read_metrics
+from koala.run.launch import run_local
+from koala.run.run_dir import read_metrics
 
 MNIST = InputSpec(1, 28, 10)
 BATCH, SIZE = 4, 10
@@ -123,8 +122,10 @@ def test_reductions_on_a_constructed_example() -> None:
     assert 0.9 < result["storage"] < 1
 
 
-DIGITS = ["data.dataset='digits'", "data.num-clients=4", "models.large='mobilenetv3-small'", "models.small=['lenet']",
-          "rounds=2", "data.min-client-size=20", "client.participation=0.75"]
+from helpers import DIGITS as DIGITS_DATA  # noqa: E402
+
+DIGITS = [*DIGITS_DATA, "data.num-clients=4", "models.large='mobilenetv3-small'", "models.small=['lenet']",
+          "rounds=2", "client.participation=0.75"]
 
 
 @pytest.mark.integration

@@ -3,8 +3,9 @@
 import pytest
 import torch
 
-from koala.aggregate import ClientUpdate, aggregate_by_architecture, fedavg, validate_update
+from koala.aggregate import aggregate_by_architecture, fedavg, validate_update
 from koala.errors import UpdateRejected
+from koala.state import ClientUpdate
 
 REFERENCE = {"w": torch.zeros(2, 2), "bn.num_batches_tracked": torch.tensor(0)}
 

@@ -5,19 +5,16 @@ from pathlib import Path
 
 import pytest
 import torch
+from helpers import DIGITS_KOALA, QUICKSTART
 
 from koala.config import load_config
 from koala.distill import anchored_targets
-from koala.engine.local import run_local
 from koala.errors import ConfigError
+from koala.run.launch import run_local
 
-QUICKSTART = Path(__file__).parent.parent / "configs" / "quickstart.toml"
-DIGITS = ["data.dataset='digits'", "data.train-limit=0", "data.test-limit=0", "data.min-client-size=20",
-          "data.num-clients=4", "data.proxy-fraction=0.3", "models.large='lenet'", "client.lr=0.05",
-          "client.batch-size=32", "distill.reverse.lr=0.05", "distill.reverse.batch-size=32"]
 # a large model pretrained on 300 labelled proxy images, then two rounds of pure KD (no labels) whose
 # first teachers are untrained small models: the setting in which the paper's round wipes out the start
-PRETRAINED = [*DIGITS, "rounds=2", "client.epochs=1", "distill.temperature=3.0", "data.proxy-labelled=300",
+PRETRAINED = [*DIGITS_KOALA, "rounds=2", "client.epochs=1", "distill.temperature=3.0", "data.proxy-labelled=300",
               "large-init.kind='pretrain'", "large-init.pretrain.epochs=20", "distill.reverse.epochs=3"]
 
 
@@ -64,7 +61,7 @@ def test_label_free_anchors_keep_a_pretrained_start_that_pure_kd_wipes_out(tmp_p
 
 
 def _large_metrics_flops(tmp_path: Path) -> int:
-    from koala.run_dir import read_metrics
+    from koala.run.run_dir import read_metrics
 
     return read_metrics(tmp_path / "plain")[1]["resources"]["server-flops"]
 

@@ -5,17 +5,17 @@ from pathlib import Path
 
 import pytest
 import torch
+from helpers import DIGITS_KOALA, QUICKSTART
 from torch import nn
 
 from koala.aggregate import aggregate_by_architecture
 from koala.algorithms import RoundMetrics
 from koala.augment import flip_and_shift
 from koala.config import DistillOptimizerConfig, OptimizerConfig, load_config
-from koala.engine.local import run_local
+from koala.distill import Distillation
 from koala.models import InputSpec, build_model
+from koala.run.launch import run_local
 from koala.training import sgd_train, train_distill
-
-QUICKSTART = Path(__file__).parent.parent / "configs" / "quickstart.toml"
 
 
 def _images(n: int = 64) -> torch.Tensor:
@@ -79,7 +79,7 @@ def test_teacher_and_student_see_the_same_augmented_view() -> None:
 
     student = _Recording(build_model("lenet", InputSpec(1, 8, 10)))
     settings = DistillOptimizerConfig(epochs=2, batch_size=8, flip=True, max_shift=2)
-    outcome = train_distill(student, inputs, teacher, 1.0, settings, seed=0)
+    outcome = train_distill(student, inputs, teacher, Distillation(1.0), settings, seed=0)
     assert outcome.samples == 80 and len(student.seen) == len(shown_to_teacher) == 10
     assert all(torch.equal(s, t) for s, t in zip(student.seen, shown_to_teacher))
     originals = {tuple(x.flatten().tolist()) for x in inputs}
@@ -90,7 +90,7 @@ def test_teacher_and_student_see_the_same_augmented_view() -> None:
 def test_augmented_distillation_refuses_fixed_targets() -> None:
     student = build_model("lenet", InputSpec(1, 8, 10))
     with pytest.raises(ValueError, match="teacher as a function of images"):
-        train_distill(student, torch.randn(8, 1, 8, 8), torch.full((8, 10), 0.1), 1.0,
+        train_distill(student, torch.randn(8, 1, 8, 8), torch.full((8, 10), 0.1), Distillation(1.0),
                       DistillOptimizerConfig(flip=True), seed=0)
 
 
@@ -105,16 +105,13 @@ def test_the_cosine_schedule_decays_the_learning_rate_to_zero(schedule: str, exp
     assert weight.weight.item() == pytest.approx(-0.1 * expected_step_sum, rel=1e-5)
 
 
-DIGITS = ["data.dataset='digits'", "data.train-limit=0", "data.test-limit=0", "data.min-client-size=20",
-          "data.num-clients=4", "data.proxy-fraction=0.3", "models.large='lenet'", "client.lr=0.05",
-          "client.epochs=3", "client.batch-size=32", "distill.temperature=1.0", "distill.reverse.lr=0.05",
-          "distill.reverse.epochs=3", "distill.reverse.batch-size=32"]
+DIGITS = [*DIGITS_KOALA, "client.epochs=3", "distill.temperature=1.0", "distill.reverse.epochs=3"]
 AUGMENTED = ["distill.reverse.flip=true", "distill.reverse.max-shift=1", "distill.forward.max-shift=1"]
 
 
 def _round_one(*overrides: str):
-    from koala.algorithms import local_train
-    from koala.experiment import prepare_experiment
+    from koala.algorithms.client import local_train
+    from koala.run.experiment import prepare_experiment
     from koala.seeding import derive_seed
 
     experiment = prepare_experiment(load_config(QUICKSTART, [*DIGITS, *overrides]))
@@ -129,7 +126,7 @@ def test_the_online_teacher_gives_the_fixed_targets_on_unaugmented_images() -> N
     experiment, _, updates = _round_one("models.small=['lenet','mobilenetv3-small']", "distill.teacher='ensemble'")
     groups = aggregate_by_architecture(updates)
     fixed = experiment.algorithm.teacher_targets(updates, groups, RoundMetrics())
-    online = experiment.algorithm.reverse_teacher(updates, groups, RoundMetrics())
+    online = experiment.algorithm.round_teacher(updates, groups, RoundMetrics())
     torch.testing.assert_close(online(experiment.split.proxy_images), fixed)
 
 

@@ -10,20 +10,19 @@ from pathlib import Path
 
 import pytest
 import torch
+from helpers import DIGITS as DIGITS_DATA
+from helpers import QUICKSTART, ROOT, cli_overrides
 from safetensors.torch import save_file
 
 from koala.cli import main
 from koala.config import config_to_toml, load_config
 
-ROOT = Path(__file__).parent.parent
-QUICKSTART = ROOT / "configs" / "quickstart.toml"
 FASHION = Path("/usr/share/datasets/fashion-mnist")
-DIGITS = ["--set", "data.dataset='digits'", "--set", "data.train-limit=0", "--set", "data.test-limit=0",
-          "--set", "data.num-clients=4"]
+DIGITS = cli_overrides([*DIGITS_DATA, "data.num-clients=4"])
 
 
 def _set(*assignments: str) -> list[str]:
-    return [token for assignment in assignments for token in ("--set", assignment)]
+    return cli_overrides(assignments)
 
 
 def _truncated_fashion_mnist(tmp: Path) -> list[str]:

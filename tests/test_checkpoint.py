@@ -12,15 +12,22 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from helpers import DIGITS as DIGITS_DATA
+from helpers import QUICKSTART
+from interruption import interrupt_run
 
-from koala.algorithms import ServerState
-from koala.checkpoint import CHECKPOINT_FILE, Checkpoint, load_checkpoint, save_checkpoint
 from koala.cli import main
 from koala.config import config_to_toml, load_config
-from koala.engine.local import run_local
 from koala.errors import CheckpointError
-from koala.experiment import prepare_experiment
-from koala.run_dir import (
+from koala.run.checkpoint import (
+    CHECKPOINT_FILE,
+    Checkpoint,
+    load_checkpoint,
+    save_checkpoint,
+)
+from koala.run.experiment import prepare_experiment
+from koala.run.launch import run_local
+from koala.run.run_dir import (
     CONFIG_FILE,
     METRICS_FILE,
     RESOURCES_FILE,
@@ -31,12 +38,9 @@ from koala.run_dir import (
     without_times,
 )
 from koala.seeding import GlobalRngState
+from koala.state import ServerState
 
-from interruption import interrupt_run
-
-QUICKSTART = Path(__file__).parent.parent / "configs" / "quickstart.toml"
-DIGITS = ["data.dataset='digits'", "data.train-limit=0", "data.test-limit=0", "data.min-client-size=20",
-          "client.lr=0.05", "threads=1"]
+DIGITS = [*DIGITS_DATA, "client.lr=0.05", "threads=1"]
 # Heterogeneous, with MobileNetV2 (it has dropout layers) and a ResNet-18 server model: every part of
 # the server state and every random stream is exercised, and a round lasts about 2 s.
 KILLED_RUN = DIGITS + ["data.num-clients=4", "models.large='resnet18-ds'", "models.small=['lenet','mobilenetv2']",
@@ -118,7 +122,7 @@ def test_an_interrupted_run_is_marked_failed_and_resumes_without_stale_lines(tmp
 
 def test_a_crash_between_a_metrics_line_and_its_checkpoint_is_resumed(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     # The deterministic version of the worst kill point: round 2's line is on disk, its checkpoint is not.
-    import koala.engine.rounds as rounds
+    import koala.run.loop as rounds
 
     config = load_config(QUICKSTART, SMALL_RUN)
     reference = run_local(config, tmp_path / "reference", echo=_quiet)
@@ -270,8 +274,9 @@ def test_resume_arguments_are_checked(tmp_path: Path, args: list[str], message: 
 def test_training_with_dropout_is_a_pure_function_that_leaves_the_global_generator_alone() -> None:
     # MobileNetV2 has a dropout layer: its randomness comes from the training seed, not from torch's
     # global generator, so a client's update is the same whatever ran before it in the process.
-    from koala.algorithms import ClientTask, local_train
-    from koala.algorithms.models import initial_state
+    from koala.algorithms.client import local_train
+    from koala.state import ClientTask
+    from koala.weights import initial_state
 
     experiment = prepare_experiment(load_config(QUICKSTART, DIGITS + ["data.num-clients=4", "models.small=['mobilenetv2']",
                                                                       "client.batch-size=128"]))

@@ -6,12 +6,12 @@ import sys
 from pathlib import Path
 
 import pytest
+from helpers import DIGITS as DIGITS_DATA
+from helpers import QUICKSTART, cli_overrides
 
 from koala.cli import main
 
-DIGITS = ["--set", "data.dataset='digits'", "--set", "data.num-clients=4", "--set", "models.large='lenet'",
-          "--set", "rounds=2", "--set", "client.lr=0.05"]
-QUICKSTART = Path(__file__).parent.parent / "configs" / "quickstart.toml"
+DIGITS = cli_overrides([*DIGITS_DATA, "data.num-clients=4", "models.large='lenet'", "rounds=2", "client.lr=0.05"])
 
 
 def test_run_prints_a_line_per_round_and_where_it_wrote(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:

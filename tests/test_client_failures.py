@@ -10,19 +10,22 @@ from pathlib import Path
 
 import pytest
 import torch
+from helpers import DIGITS as DIGITS_DATA
+from helpers import QUICKSTART
 
-from koala.aggregate import ClientUpdate, StateDict, clip_update, update_distance
-from koala.algorithms import ClientTask, RoundMetrics, ServerState, local_train
+from koala.aggregate import clip_update, update_distance
+from koala.algorithms import RoundMetrics
+from koala.algorithms.client import local_train
 from koala.config import load_config
+from koala.engine.dispatch import Replies
 from koala.engine.local import local_dispatch
-from koala.engine.rounds import Replies, complete_round, run_experiment
-from koala.experiment import Experiment, prepare_experiment
+from koala.run.experiment import Experiment, prepare_experiment
+from koala.run.loop import complete_round, run_experiment
 from koala.sampling import unreachable_clients
 from koala.seeding import derive_seed
+from koala.state import ClientTask, ClientUpdate, ServerState, StateDict
 
-QUICKSTART = Path(__file__).parent.parent / "configs" / "quickstart.toml"
-DIGITS = ["data.dataset='digits'", "data.train-limit=0", "data.test-limit=0", "data.min-client-size=20",
-          "models.large='lenet'", "models.small=['lenet']", "client.lr=0.05", "rounds=2"]
+DIGITS = [*DIGITS_DATA, "models.large='lenet'", "models.small=['lenet']", "client.lr=0.05", "rounds=2"]
 
 
 def _experiment(*overrides: str) -> Experiment:
@@ -31,7 +34,7 @@ def _experiment(*overrides: str) -> Experiment:
 
 def _run(tmp_path: Path, experiment: Experiment, dispatch=None) -> tuple[list[dict], list[str]]:
     printed: list[str] = []
-    result = run_experiment(experiment, dispatch or local_dispatch(experiment), tmp_path / "run", echo=printed.append)
+    result = run_experiment(experiment, dispatch or local_dispatch(experiment.algorithm, experiment.split), tmp_path / "run", echo=printed.append)
     return result.metrics, printed
 
 
@@ -70,7 +73,7 @@ def _failing(client_ids: set[int]) -> Callable:
 
 def test_a_client_that_raises_is_recorded_and_the_round_goes_on(tmp_path: Path) -> None:
     experiment = _experiment("data.num-clients=4", "client.epochs=3")
-    metrics, printed = _run(tmp_path, experiment, local_dispatch(experiment, _failing({1})))
+    metrics, printed = _run(tmp_path, experiment, local_dispatch(experiment.algorithm, experiment.split, _failing({1})))
     for line in metrics[1:]:
         assert line["failed"] == [{"client": 1, "reason": "the client raised RuntimeError: battery died"}]
         assert line["accepted"] == 3 and "skipped" not in line
@@ -108,14 +111,14 @@ def test_a_local_client_with_bad_metrics_fails_and_the_run_goes_on(tmp_path: Pat
         return replace(update, metrics={}) if task.client_id == 0 else update
 
     experiment = _experiment("data.num-clients=4", "rounds=1")
-    metrics, _ = _run(tmp_path, experiment, local_dispatch(experiment, no_metrics))
+    metrics, _ = _run(tmp_path, experiment, local_dispatch(experiment.algorithm, experiment.split, no_metrics))
     assert metrics[1]["failed"] == [{"client": 0, "reason": "client 0 reported trained-samples = None; expected a whole number >= 0"}]
     assert metrics[1]["accepted"] == 3
 
 
 def test_too_few_replies_skip_the_round_and_leave_the_server_unchanged(tmp_path: Path) -> None:
     experiment = _experiment("data.num-clients=4", "client.min-replies=3")
-    metrics, printed = _run(tmp_path, experiment, local_dispatch(experiment, _failing({0, 2})))
+    metrics, printed = _run(tmp_path, experiment, local_dispatch(experiment.algorithm, experiment.split, _failing({0, 2})))
     for line in metrics[1:]:
         assert line["accepted"] == 2 and "fewer than client.min-replies = 3" in line["skipped"]
         assert line["eval"] == metrics[0]["eval"]

@@ -3,11 +3,16 @@
 from pathlib import Path
 
 import pytest
-
-from koala.config import ExperimentConfig, config_from_toml, config_to_dict, config_to_toml, load_config
-from koala.errors import ConfigError
-
 import tomli_w
+
+from koala.config import (
+    ExperimentConfig,
+    config_from_toml,
+    config_to_dict,
+    config_to_toml,
+    load_config,
+)
+from koala.errors import ConfigError
 
 CONFIGS = sorted((Path(__file__).parent.parent / "configs").glob("*.toml"))
 

@@ -16,7 +16,14 @@ import torch
 
 from koala.data import SOURCE_NAMES, load_source
 from koala.data.cifar import load_cifar10, load_cifar100
-from koala.data.download import DOWNLOADS, RemoteFile, download_dataset, extract_archive, fetch, verify_md5
+from koala.data.download import (
+    DOWNLOADS,
+    RemoteFile,
+    download_dataset,
+    extract_archive,
+    fetch,
+    verify_md5,
+)
 from koala.data.fashion_mnist import DEFAULT_DIR, ENV_VAR, load_fashion_mnist
 from koala.data.idx import read_idx
 from koala.data.small_sources import load_digits_source, make_synthetic

@@ -7,9 +7,9 @@ from typing import Any
 import pytest
 
 from koala.config import load_config
-from koala.engine.local import run_local
 from koala.errors import ConfigError, DataError, ModelError
-from koala.run_dir import read_metrics, without_times
+from koala.run.launch import run_local
+from koala.run.run_dir import read_metrics, without_times
 
 # A small Fashion-MNIST federation: 3,000 training images, 6 clients, 1,000 test images.
 FMNIST_SMALL = [
@@ -139,7 +139,7 @@ def test_every_round_prints_the_elapsed_time_and_an_estimate_of_the_time_left(tm
 
 
 def test_the_time_left_is_the_median_recent_round_time_per_round_left() -> None:
-    from koala.engine.rounds import estimate_time_left, format_progress
+    from koala.run.progress import estimate_time_left, format_progress
 
     assert estimate_time_left([100.0, 2.0, 3.0, 4.0, 5.0, 6.0], 10) == 40.0  # the first (slow) round has aged out
     assert estimate_time_left([], 5) == 0.0

@@ -24,18 +24,24 @@ from cryptography.hazmat.primitives import hashes, serialization  # noqa: E402
 from cryptography.hazmat.primitives.asymmetric import ec  # noqa: E402
 from cryptography.x509.oid import NameOID  # noqa: E402
 from flwr.app import ArrayRecord, ConfigRecord, MetricRecord, RecordDict  # noqa: E402
-
-from koala.aggregate import ClientUpdate  # noqa: E402
-from koala.algorithms import ClientTask  # noqa: E402
-from koala.config import load_config  # noqa: E402
-from koala.engine.flower.client_app import _check_partition, node_partition  # noqa: E402
-from koala.engine.flower.messages import read_reply, read_train, reply_content, train_content  # noqa: E402
-from koala.engine.local import run_local  # noqa: E402
-from koala.engine.rounds import Replies  # noqa: E402
-from koala.errors import ConfigError, UpdateRejected  # noqa: E402
-from koala.run_dir import read_metrics, without_times  # noqa: E402
-
 from interruption import interrupt_run  # noqa: E402
+
+from koala.config import load_config  # noqa: E402
+from koala.engine.dispatch import Replies  # noqa: E402
+from koala.engine.flower.client_app import _check_partition, node_partition  # noqa: E402
+from koala.engine.flower.messages import (  # noqa: E402
+    read_reply,
+    read_train,
+    reply_content,
+    train_content,
+)
+from koala.errors import ConfigError, UpdateRejected  # noqa: E402
+from koala.run.launch import run_local  # noqa: E402
+from koala.run.run_dir import read_metrics, without_times  # noqa: E402
+from koala.state import (
+    ClientTask,  # noqa: E402
+    ClientUpdate,  # noqa: E402
+)
 
 APP = Path(__file__).resolve().parent.parent / "flower-app"
 BIN = Path(sys.executable).parent

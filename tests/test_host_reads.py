@@ -16,12 +16,12 @@ from typing import Any
 
 import pytest
 import torch
+from helpers import QUICKSTART
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from koala.config import load_config
-from koala.engine.local import run_local
+from koala.run.launch import run_local
 
-QUICKSTART = Path(__file__).parent.parent / "configs" / "quickstart.toml"
 aten = torch.ops.aten
 
 

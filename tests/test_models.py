@@ -7,7 +7,13 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from koala.errors import ModelError
-from koala.models import InputSpec, build_model, count_parameters, model_entry, model_names
+from koala.models import (
+    InputSpec,
+    build_model,
+    count_parameters,
+    model_entry,
+    model_names,
+)
 
 MNIST = InputSpec(channels=1, image_size=28, num_classes=10)
 CIFAR = InputSpec(channels=3, image_size=32, num_classes=10)
@@ -151,7 +157,7 @@ def test_vgg_skips_pools_on_a_1x1_map():
 def test_small_models_train_in_channels_last_and_hand_back_contiguous_weights() -> None:
     import torch.nn.functional as F
 
-    from koala.algorithms.models import initial_state, instantiate, module_state
+    from koala.weights import initial_state, instantiate, module_state
 
     spec = InputSpec(1, 28, 10)
     for name, layout in (("lenet", torch.channels_last), ("resnet18-ds", torch.contiguous_format)):
@@ -177,7 +183,7 @@ def test_small_models_train_in_channels_last_and_hand_back_contiguous_weights() 
 
 
 def test_the_small_model_ladder_spans_under_2_to_over_50_training_mflops() -> None:
-    from koala.accounting import CostTable
+    from koala.accounting.measure import CostTable
 
     costs = CostTable(InputSpec(1, 28, 10), 64, momentum=True)
     flops = {name: costs[name].train_flops_per_sample / 1e6 for name in

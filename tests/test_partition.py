@@ -7,7 +7,12 @@ import torch
 from koala.config import DataConfig
 from koala.data.dataset import DataSource, ImageSplit
 from koala.data.federated import make_federated_split
-from koala.data.partition import label_skew, partition_dirichlet, partition_iid, partition_k_labels
+from koala.data.partition import (
+    label_skew,
+    partition_dirichlet,
+    partition_iid,
+    partition_k_labels,
+)
 from koala.errors import DataError
 
 LABELS = np.repeat(np.arange(10), 300)  # 3,000 examples, 300 per class

@@ -7,14 +7,14 @@ from pathlib import Path
 
 import matplotlib.image
 import pytest
+from helpers import DIGITS as DIGITS_DATA  # noqa: E402
 
 from koala.cli import main
 from koala.config import load_config
-from koala.engine.local import run_local
 from koala.report import PLOTS, TABLE_HEADER, load_run
+from koala.run.launch import run_local
 
-DIGITS = ["data.dataset='digits'", "data.num-clients=4", "models.large='lenet'", "models.small=['lenet']",
-          "data.min-client-size=20", "client.lr=0.05"]
+DIGITS = [*DIGITS_DATA, "data.num-clients=4", "models.large='lenet'", "models.small=['lenet']", "client.lr=0.05"]
 
 
 @pytest.fixture(scope="module")

@@ -4,17 +4,16 @@ from pathlib import Path
 
 import pytest
 import torch
+from helpers import DIGITS_KOALA, QUICKSTART
 
 from koala.config import OptimizerConfig, load_config
 from koala.data.dataset import ImageSplit
-from koala.engine.local import run_local
 from koala.errors import ConfigError
-from koala.experiment import prepare_experiment
 from koala.models import InputSpec, build_model
+from koala.run.experiment import prepare_experiment
+from koala.run.launch import run_local
 from koala.training import train_supervised
 from koala.vectorised import train_stacked
-
-QUICKSTART = Path(__file__).parent.parent / "configs" / "quickstart.toml"
 
 
 def _pool(n: int, dtype: torch.dtype) -> ImageSplit:
@@ -53,10 +52,8 @@ def test_stacked_training_matches_training_each_client_alone(architecture: str, 
             torch.testing.assert_close(state[name], value, rtol=1e-6, atol=1e-9)
 
 
-DIGITS = ["data.dataset='digits'", "data.train-limit=0", "data.test-limit=0", "data.min-client-size=20",
-          "data.num-clients=6", "data.proxy-fraction=0.3", "models.large='lenet'", "client.lr=0.05",
-          "client.epochs=3", "client.batch-size=32", "distill.temperature=1.0", "distill.reverse.lr=0.05",
-          "distill.reverse.epochs=5", "distill.reverse.batch-size=32", "rounds=3"]
+DIGITS = [*DIGITS_KOALA, "data.num-clients=6", "client.epochs=3", "distill.temperature=1.0",
+          "distill.reverse.epochs=5", "rounds=3"]
 
 
 def test_a_vectorised_run_writes_the_metrics_of_a_sequential_run(tmp_path: Path) -> None:

@@ -5,24 +5,12 @@ from __future__ import annotations
 import math
 from collections import defaultdict
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 
 from koala.errors import UpdateRejected
-
-StateDict = dict[str, torch.Tensor]
-
-
-@dataclass(frozen=True)
-class ClientUpdate:
-    """What a client sends back: its architecture, trained weights and sample count."""
-
-    client_id: int
-    architecture: str
-    state: StateDict
-    num_examples: int
-    metrics: dict[str, float] = field(default_factory=dict)
+from koala.state import ClientUpdate, StateDict
 
 
 def validate_update(update: ClientUpdate, expected_architecture: str, reference: Mapping[str, torch.Tensor]) -> None:

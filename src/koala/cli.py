@@ -18,7 +18,7 @@ def _run(args: argparse.Namespace) -> None:
                 "--resume RUN_DIR continues a run with the config in RUN_DIR/config.toml: "
                 "give no CONFIG, --set or --out with it"
             )
-        from koala.run_dir import read_run_config
+        from koala.run.run_dir import read_run_config
 
         config, out, resume = read_run_config(args.resume), args.resume, True
     elif args.config is None:
@@ -32,7 +32,7 @@ def _run(args: argparse.Namespace) -> None:
             raise ConfigError("--engine flower-sim needs Flower: pip install 'koala-fl[flower]'") from None
         run_flower_simulation(config, out, resume=resume)
     else:
-        from koala.engine.local import run_local
+        from koala.run.launch import run_local
 
         run_local(config, out, resume=resume)
 
@@ -76,7 +76,7 @@ def _models(args: argparse.Namespace) -> None:
 
 
 def _resources(args: argparse.Namespace) -> None:
-    from koala.accounting import TRAIN_MEMORY_METHOD, measure_model
+    from koala.accounting.measure import TRAIN_MEMORY_METHOD, measure_model
     from koala.models import model_entry
     from koala.report import cost_table
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -22,6 +23,22 @@ def kd_loss(student_logits: torch.Tensor, teacher_probs: torch.Tensor, temperatu
     """
     log_student = F.log_softmax(student_logits / temperature, dim=-1)
     return temperature**2 * F.kl_div(log_student, teacher_probs, reduction="batchmean")
+
+
+@dataclass(frozen=True)
+class Distillation:
+    """Knowledge distillation at one temperature T, bound here once: it softens the teacher's
+    logits into targets and the student's logits in the loss, which must use the same T."""
+
+    temperature: float
+
+    def soft_targets(self, teacher_logits: torch.Tensor) -> torch.Tensor:
+        """The teacher's temperature-softened class probabilities."""
+        return soft_targets(teacher_logits, self.temperature)
+
+    def loss(self, student_logits: torch.Tensor, teacher_probs: torch.Tensor) -> torch.Tensor:
+        """T²·KL(teacher ‖ student), averaged over the batch (`kd_loss`)."""
+        return kd_loss(student_logits, teacher_probs, self.temperature)
 
 
 def labelled_cross_entropy(student_logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:

@@ -19,8 +19,9 @@ import matplotlib
 matplotlib.use("Agg")  # files only, never a window
 import matplotlib.pyplot as plt  # noqa: E402
 
-from koala.accounting import ModelCost, reduction  # noqa: E402
-from koala.run_dir import CONFIG_FILE, RESOURCES_FILE, SUMMARY_FILE, read_metrics  # noqa: E402
+from koala.accounting.ledger import reduction
+from koala.accounting.measure import ModelCost  # noqa: E402
+from koala.run.run_dir import CONFIG_FILE, RESOURCES_FILE, SUMMARY_FILE, read_metrics  # noqa: E402
 
 MISSING = "–"
 PLOTS = ("accuracy.png", "accuracy-vs-client-flops.png", "bytes-per-round.png")
@@ -186,7 +187,13 @@ def _finish(fig: Any, ax: Any, path: Path) -> None:
     ax.grid(True, alpha=0.3)
     if ax.get_legend_handles_labels()[0]:
         ax.legend(fontsize=8)
+    save_figure(fig, path)
+
+
+def save_figure(fig: Any, path: Path) -> None:
+    """Lay `fig` out, write it to `path` as a PNG (its folder made as needed) and close it."""
     fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=100)
     plt.close(fig)
 

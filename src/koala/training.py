@@ -7,7 +7,7 @@ loss on a batch of indices differs.
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
@@ -17,7 +17,7 @@ from torch.optim.lr_scheduler import CosineAnnealingLR, LRScheduler
 from koala.augment import flip_and_shift
 from koala.config import DistillOptimizerConfig, OptimizerConfig
 from koala.data.dataset import ImageSplit
-from koala.distill import kd_loss, labelled_cross_entropy
+from koala.distill import Distillation, labelled_cross_entropy
 from koala.seeding import derive_seed, seeded_torch
 
 BatchLoss = Callable[[torch.Tensor], torch.Tensor]
@@ -44,11 +44,13 @@ def shuffled_batches(num_examples: int, batch_size: int, generator: torch.Genera
 
 @dataclass(frozen=True)
 class TrainOutcome:
-    """What a training call did: the mean loss of its last epoch, and the examples it processed
-    over all its epochs (what the FLOP accounting counts)."""
+    """What a training call did: the mean loss of its last epoch, the examples it processed over all
+    its epochs (what the FLOP accounting counts) and SGD's final momentum buffers by parameter name
+    (empty without momentum), for a caller that carries them to its next call."""
 
     loss: float
     samples: int
+    momentum: dict[str, torch.Tensor] = field(default_factory=dict)
 
 
 EpochEnd = Callable[[], bool]
@@ -63,8 +65,8 @@ def sgd_train(
 
     `seed` fixes the batch order and the model's own randomness (dropout), which runs on a stream
     of its own: training is a pure function of its inputs and leaves torch's global generator as it was.
-    `momentum`, when given, carries SGD's momentum buffers (by parameter name) across calls: it is
-    loaded before the first step and replaced by the final buffers. `after_epoch` may stop early.
+    `momentum`, when given, is SGD's momentum buffers (by parameter name) to start from, e.g. those
+    a previous call returned in its outcome; it is not modified. `after_epoch` may stop early.
     """
     if settings.epochs == 0 or num_examples == 0:
         return TrainOutcome(float("nan"), 0)
@@ -95,13 +97,11 @@ def sgd_train(
             processed += seen
             if after_epoch is not None and after_epoch():
                 break
-    if momentum is not None:
-        momentum.clear()
-        momentum.update({
-            name: optimizer.state[p]["momentum_buffer"].detach()
-            for name, p in parameters.items() if optimizer.state[p].get("momentum_buffer") is not None
-        })
-    return TrainOutcome(float(total / max(seen, 1)), processed)
+    final_momentum = {
+        name: optimizer.state[p]["momentum_buffer"].detach()
+        for name, p in parameters.items() if optimizer.state[p].get("momentum_buffer") is not None
+    }
+    return TrainOutcome(float(total / max(seen, 1)), processed, final_momentum)
 
 
 def _lr_schedule(optimizer: torch.optim.Optimizer, settings: OptimizerConfig, num_examples: int) -> LRScheduler | None:
@@ -147,15 +147,25 @@ class EarlyStopping:
         self.model.load_state_dict(self.best_state)
 
 
-Teacher = Callable[[torch.Tensor], torch.Tensor]
-"""images -> the teacher's soft targets on them (computed without gradients)."""
+TargetFunction = Callable[[torch.Tensor], torch.Tensor]
+"""images -> a teacher's soft targets on them (computed without gradients)."""
+Targets = torch.Tensor | TargetFunction
+"""What distillation learns from: soft targets fixed on the inputs (N, C), or a teacher's
+`TargetFunction` to run on every batch's augmented view (`distillation_targets` chooses)."""
+
+
+def distillation_targets(teacher: TargetFunction, inputs: torch.Tensor, settings: DistillOptimizerConfig) -> Targets:
+    """What `train_distill` is given: the teacher's targets on `inputs`, computed once, or, when
+    `settings` augment the batches, the teacher itself, to be run on every batch's view so that
+    teacher and student see the same images."""
+    return teacher if settings.augments else teacher(inputs)
 
 
 def train_distill(
     student: nn.Module,
     inputs: torch.Tensor,
-    teacher: torch.Tensor | Teacher,
-    temperature: float,
+    targets: Targets,
+    kd: Distillation,
     settings: DistillOptimizerConfig,
     seed: int,
     labels: torch.Tensor | None = None,
@@ -163,30 +173,28 @@ def train_distill(
     momentum: dict[str, torch.Tensor] | None = None,
     kd_weight: float = 1.0,
 ) -> TrainOutcome:
-    """Distil a teacher's soft targets into `student` with `kd_weight` × T²·KL.
+    """Distil soft targets into `student` with `kd_weight` times `kd`'s loss (T²·KL).
 
-    `teacher` is either its soft targets on `inputs` (N, C) or a function of images; a function is
-    asked once for all of `inputs`, or, when `settings` augment the batches, on every batch's view,
-    so that teacher and student see the same images.
-    With `labels` (one per input, -1 where unknown) and `ce_weight` > 0, the examples with a known
-    label add `ce_weight` times their cross-entropy. With `settings.holdout_fraction` > 0, a seeded
-    slice of the inputs is held out and training stops early on its KD loss (`EarlyStopping`).
-    `momentum` is as in `sgd_train`.
+    `targets` come from `distillation_targets`: fixed on `inputs`, or a function of images when
+    `settings` augment the batches. With `labels` (one per input, -1 where unknown) and
+    `ce_weight` > 0, the examples with a known label add `ce_weight` times their cross-entropy. With
+    `settings.holdout_fraction` > 0, a seeded slice of the inputs is held out and training stops
+    early on its KD loss (`EarlyStopping`). `momentum` is as in `sgd_train`.
     """
     online = settings.augments
-    if online and not callable(teacher):
-        raise ValueError("augmented distillation needs the teacher as a function of images, not fixed targets")
-    fixed_targets = None if online else (teacher(inputs) if callable(teacher) else teacher)
+    if online != callable(targets):
+        raise ValueError("augmented distillation takes the teacher as a function of images, unaugmented distillation "
+                         "its fixed targets: build them with distillation_targets")
     views = torch.Generator(device=inputs.device).manual_seed(derive_seed(seed, "augment")) if online else None
 
     def loss_on(idx: torch.Tensor) -> torch.Tensor:
         if online:
             batch = flip_and_shift(inputs[idx], views, settings.flip, settings.max_shift)
-            targets = teacher(batch)
+            batch_targets = targets(batch)
         else:
-            batch, targets = inputs[idx], fixed_targets[idx]
+            batch, batch_targets = inputs[idx], targets[idx]
         logits = student(batch)
-        loss = kd_loss(logits, targets, temperature)
+        loss = kd.loss(logits, batch_targets)
         if kd_weight != 1:
             loss = kd_weight * loss
         if labels is not None and ce_weight != 0:
@@ -199,10 +207,10 @@ def train_distill(
     order = torch.randperm(len(inputs), generator=torch.Generator().manual_seed(derive_seed(seed, "holdout")))
     order = order.to(inputs.device)
     held, kept = order[:held_out], order[held_out:]
-    held_targets = teacher(inputs[held]) if online else fixed_targets[held]
+    held_targets = targets(inputs[held]) if online else targets[held]
     stopper = EarlyStopping(
         student,
-        lambda: float(kd_loss(predict_logits(student, inputs[held]), held_targets, temperature)),
+        lambda: float(kd.loss(predict_logits(student, inputs[held]), held_targets)),
         settings.patience,
     )
     outcome = sgd_train(student, len(kept), lambda idx: loss_on(kept[idx]), settings, seed, momentum, stopper)

@@ -26,10 +26,10 @@ import torch.nn.functional as F
 from torch import nn
 from torch.func import functional_call, grad_and_value, vmap
 
-from koala.aggregate import StateDict
 from koala.config import OptimizerConfig
 from koala.data.dataset import ImageSplit
 from koala.errors import ConfigError
+from koala.state import StateDict
 from koala.training import TrainOutcome, shuffled_batches
 
 

@@ -4,15 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from koala.algorithms.base import (
-    Algorithm,
-    ClientTask,
-    RoundMetrics,
-    ServerData,
-    ServerState,
-    local_train,
-    vectorised_local_train,
-)
+from koala.algorithms.base import Algorithm, RoundMetrics, ServerData
 from koala.algorithms.centralised import CentralisedLarge
 from koala.algorithms.fedavg import FedAvgLarge, FedAvgSmall
 from koala.algorithms.koala import FedDF, Koala
@@ -32,7 +24,4 @@ def make_algorithm(config: ExperimentConfig, spec: InputSpec, server_data: Serve
     return algorithm_class(config)(config, spec, server_data, device)
 
 
-__all__ = [
-    "ALGORITHMS", "Algorithm", "ClientTask", "RoundMetrics", "ServerData", "ServerState",
-    "algorithm_class", "local_train", "make_algorithm", "vectorised_local_train",
-]
+__all__ = ["ALGORITHMS", "Algorithm", "RoundMetrics", "ServerData", "algorithm_class", "make_algorithm"]

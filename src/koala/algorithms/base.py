@@ -1,8 +1,9 @@
-"""What every algorithm is: server state, the task a client receives, and the round's server step.
+"""What every algorithm is: which clients a round asks, the task each receives, how the server
+accepts their updates and folds them in (`server_round`), and how its models are evaluated.
 
 An algorithm is plain functions over model state and data; it knows nothing of transport. Engines
-(the local simulator, Flower) ask it what to send each client, run `local_train` wherever the client
-is, and hand the replies back to `server_round`.
+(the local simulator, Flower) ask it what to send each client, run the client step
+(koala.algorithms.client) wherever the client is, and hand the replies back to `server_round`.
 """
 
 from __future__ import annotations
@@ -18,41 +19,25 @@ from typing import Any, Literal
 
 import torch
 
-from koala.aggregate import ClientUpdate, StateDict, clip_update, update_distance, validate_update
+from koala.aggregate import clip_update, update_distance, validate_update
 from koala.algorithms.assignment import assign_architectures
-from koala.algorithms.models import evaluate_state, initial_state, instantiate, load_weights, module_state
 from koala.config import ExperimentConfig
 from koala.data.dataset import ImageSplit
-from koala.data.federated import FederatedSplit
 from koala.errors import UpdateRejected
-from koala.models import InputSpec, build_model, model_entry
+from koala.models import InputSpec, model_entry
 from koala.sampling import sample_clients
 from koala.seeding import derive_seed
-from koala.training import TrainOutcome, train_supervised
-from koala.vectorised import train_stacked
+from koala.state import ClientTask, ClientUpdate, ServerState, StateDict
+from koala.training import train_supervised
+from koala.weights import (
+    evaluate_state,
+    initial_state,
+    instantiate,
+    load_weights,
+    module_state,
+)
 
 WorkKind = Literal["train", "inference"]
-
-
-@dataclass(frozen=True)
-class ServerState:
-    """Everything the server holds between rounds: the large model and one small model per architecture."""
-
-    round: int
-    large: StateDict | None
-    small: dict[str, StateDict]
-    optimizers: dict[str, StateDict] = field(default_factory=dict)
-    """SGD momentum buffers (by parameter name) that the server carries across rounds, by training
-    role ("reverse", "forward:ARCH"); empty unless `distill.keep-optimizer-state`."""
-
-
-@dataclass(frozen=True)
-class ClientTask:
-    """What the server sends one client: the architecture to train and its current weights."""
-
-    client_id: int
-    architecture: str
-    state: StateDict
 
 
 @dataclass(frozen=True)
@@ -192,37 +177,3 @@ class Algorithm(ABC):
 
     def initial_small_states(self, architectures: Sequence[str]) -> dict[str, StateDict]:
         return {arch: initial_state(arch, self.spec, self.config.seed) for arch in architectures}
-
-
-def local_train(task: ClientTask, data: ImageSplit, config: ExperimentConfig, spec: InputSpec, seed: int) -> ClientUpdate:
-    """A client's round: train the received model on its private data with cross-entropy.
-
-    A pure function of (task, data, settings, seed): the same inputs give the same update, wherever
-    it runs. The model lives on the device the data is on.
-    """
-    model = instantiate(task.architecture, spec, task.state, data.images.device)
-    outcome = train_supervised(model, data, config.client, seed)
-    return _client_update(task, module_state(model), len(data), outcome)
-
-
-def vectorised_local_train(
-    tasks: Sequence[ClientTask], split: FederatedSplit, config: ExperimentConfig, spec: InputSpec, seeds: Sequence[int],
-) -> list[ClientUpdate]:
-    """`local_train` for several clients of one architecture at once, their models stacked
-    (`koala.vectorised.train_stacked`) in chunks of `client.vectorised-chunk`: the same updates
-    within float tolerance."""
-    architecture = tasks[0].architecture
-    template = build_model(architecture, spec).to(split.client_pool.images.device)
-    updates = []
-    chunk = config.client.vectorised_chunk
-    for start in range(0, len(tasks), chunk):
-        part, part_seeds = tasks[start : start + chunk], list(seeds[start : start + chunk])
-        indices = [split.client_indices[task.client_id] for task in part]
-        trained = train_stacked(template, [task.state for task in part], split.client_pool, indices, config.client, part_seeds)
-        updates += [_client_update(task, state, len(idx), outcome) for task, idx, (state, outcome) in zip(part, indices, trained)]
-    return updates
-
-
-def _client_update(task: ClientTask, state: StateDict, num_examples: int, outcome: TrainOutcome) -> ClientUpdate:
-    metrics = {"train-loss": outcome.loss, "trained-samples": outcome.samples}
-    return ClientUpdate(task.client_id, task.architecture, state, num_examples, metrics)

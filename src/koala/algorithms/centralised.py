@@ -6,11 +6,11 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from koala.aggregate import ClientUpdate
-from koala.algorithms.base import Algorithm, RoundMetrics, ServerState
-from koala.algorithms.models import instantiate, module_state
+from koala.algorithms.base import Algorithm, RoundMetrics
 from koala.seeding import derive_seed
+from koala.state import ClientUpdate, ServerState
 from koala.training import train_supervised
+from koala.weights import instantiate, module_state
 
 
 class CentralisedLarge(Algorithm):

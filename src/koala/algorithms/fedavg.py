@@ -5,8 +5,9 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from koala.aggregate import ClientUpdate, StateDict, aggregate_by_architecture
-from koala.algorithms.base import Algorithm, RoundMetrics, ServerState
+from koala.aggregate import aggregate_by_architecture
+from koala.algorithms.base import Algorithm, RoundMetrics
+from koala.state import ClientUpdate, ServerState, StateDict
 
 
 class FedAvgLarge(Algorithm):

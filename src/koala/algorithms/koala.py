@@ -1,37 +1,77 @@
 """KOALA: clients train small models; the server reverse-distils them into the large model on the
 proxy set, then forward-distils the large model back into every small architecture.
 
-Homogeneous mode is the special case of a single small architecture.
+Homogeneous mode is the special case of a single small architecture. A round, on the server:
+
+1. the accepted updates are averaged within each architecture (FedAvg);
+2. reverse distillation: the round's teachers (each architecture's averaged model, or the mean
+   logits of its clients' models) are softened, fused across architectures and distilled into
+   the large model on the proxy set, optionally beside cross-entropy on the server's labelled
+   images and anchored to the large model's own predictions (`anchored_targets`);
+3. forward distillation: the large model's softened outputs are distilled into every small model,
+   which the clients receive next round.
+
+Names: the round's *teacher* is a function from images to soft targets; *targets* are what
+distillation learns from (fixed on the proxy set, or the teacher itself when batches are
+augmented: `distillation_targets`); `distill.teacher` in the config is the *teacher kind*.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Iterator, Sequence
-from dataclasses import replace
+from collections.abc import Callable, Sequence
 
 import torch
 
-from koala.aggregate import ClientUpdate, GroupAggregate, StateDict, aggregate_by_architecture, fedavg
-from koala.algorithms.base import Algorithm, RoundMetrics, ServerState
-from koala.algorithms.models import instantiate, module_state
+from koala.aggregate import GroupAggregate, aggregate_by_architecture, fedavg
+from koala.algorithms.base import Algorithm, RoundMetrics
 from koala.config import DistillOptimizerConfig
-from koala.distill import anchored_targets, fusion_rule, soft_targets, teacher_quality_weight
+from koala.distill import (
+    Distillation,
+    anchored_targets,
+    fusion_rule,
+    teacher_quality_weight,
+)
 from koala.seeding import derive_seed
-from koala.training import Teacher, evaluate, predict_logits, train_distill
+from koala.state import ClientUpdate, ServerState, StateDict
+from koala.training import (
+    TargetFunction,
+    Targets,
+    distillation_targets,
+    evaluate,
+    predict_logits,
+    train_distill,
+)
+from koala.weights import instantiate, module_state
+
+REVERSE = "reverse"
+"""The optimiser role of reverse distillation; forward distillation's are "forward:ARCH"."""
 
 
 class Koala(Algorithm):
-    """The KOALA round (DESIGN.md §1): aggregate per architecture, reverse KD, forward KD."""
+    """The KOALA round: aggregate per architecture, reverse-distil into the large model, forward-distil
+    back into the small ones."""
 
     name = "koala"
 
     def __init__(self, *args, **kwargs) -> None:
         super().__init__(*args, **kwargs)
         self.fuse = fusion_rule(self.config.distill.fusion)
+        self.kd = Distillation(self.config.distill.temperature)
 
     def client_architecture(self, client_id: int) -> str:
         return self.assignment[client_id]
 
+    @property
+    def teacher_kind(self) -> str:
+        """Which models teach the large one (`distill.teacher`): "averaged" or "ensemble"."""
+        return self.config.distill.teacher
+
+    def forward_distills(self, round_number: int) -> bool:
+        """Whether this round distils the large model back into the small ones."""
+        distill = self.config.distill
+        return round_number > distill.forward_warmup_rounds and distill.forward.epochs > 0
+
+    # -- the start and the round ----------------------------------------------------------------
     def initial_state(self, metrics: RoundMetrics) -> ServerState:
         """The large model's start and fresh small models; with `distill.initial-forward-epochs`,
         the start is first distilled into every small model, so the clients' first models carry it."""
@@ -41,134 +81,122 @@ class Koala(Algorithm):
         if epochs:
             settings = self.config.distill.forward.model_copy(update={"epochs": epochs})
             large_model = instantiate(self.config.models.large, self.spec, large, self.device)
-            targets = self._large_targets(large_model, metrics)(self.server_data.proxy_images)
-            small = {arch: self._distil_small(arch, weights, targets, settings, 0, metrics, None)
+            targets = distillation_targets(self._large_teacher(large_model, metrics), self.server_data.proxy_images, settings)
+            small = {arch: self._distil_small(arch, weights, targets, settings, 0, metrics, None)[0]
                      for arch, weights in small.items()}
         return ServerState(round=0, large=large, small=small)
 
     def server_round(self, state: ServerState, updates: Sequence[ClientUpdate], metrics: RoundMetrics) -> ServerState:
+        """Round `state.round + 1` on the server: average the accepted `updates` per architecture,
+        reverse-distil the fused teachers into the large model, then forward-distil it into every
+        small model. Without updates only the round advances. Momentum buffers of the
+        distillations come back in the new state when `distill.keep-optimizer-state` is on."""
         round_number = state.round + 1
         with metrics.timed("aggregate"):
             groups = aggregate_by_architecture(updates)
         small = {**state.small, **{arch: group.state for arch, group in groups.items()}}
         if not groups:
-            return replace(state, round=round_number, small=small)
-        # fresh dicts: the momentum of the round before stays as it was in `state`
-        optimizers = {role: dict(buffers) for role, buffers in state.optimizers.items()}
+            return ServerState(round_number, state.large, small, state.optimizers)
+        momentum = dict(state.optimizers)
         with metrics.timed("reverse-distill"):
-            # augmented batches need the teacher on every view; otherwise its targets once
-            if self.config.distill.reverse.augments:
-                teacher = self.reverse_teacher(updates, groups, metrics)
-            else:
-                teacher = self.teacher_targets(updates, groups, metrics)
-            large_model = self._reverse_distill(state.large, teacher, round_number, metrics, self._momentum(optimizers, "reverse"))
+            large_model, momentum[REVERSE] = self._reverse_distill(state, updates, groups, round_number, metrics)
         with metrics.timed("forward-distill"):
             if self.forward_distills(round_number):
-                small = self._forward_distill(large_model, small, round_number, metrics, optimizers)
-        return ServerState(round_number, module_state(large_model), small, optimizers)
+                # the large model's targets are made once, for every small architecture
+                teacher = self._large_teacher(large_model, metrics)
+                targets = distillation_targets(teacher, self.server_data.proxy_images, self.config.distill.forward)
+                for arch, weights in small.items():
+                    small[arch], momentum[f"forward:{arch}"] = self._forward_distill(
+                        arch, weights, targets, state, round_number, metrics
+                    )
+        kept = momentum if self.config.distill.keep_optimizer_state else {}
+        return ServerState(round_number, module_state(large_model), small, kept)
 
-    def _momentum(self, optimizers: dict[str, StateDict], role: str) -> StateDict | None:
-        """The momentum buffers of `role` to carry through this round (created empty), or None when
-        `distill.keep-optimizer-state` is off."""
-        return optimizers.setdefault(role, {}) if self.config.distill.keep_optimizer_state else None
+    # -- reverse distillation: the small models teach the large one -------------------------------
+    def round_teacher(self, updates: Sequence[ClientUpdate], groups: dict[str, GroupAggregate], metrics: RoundMetrics) -> TargetFunction:
+        """The round's fused teacher: per architecture, the logits of its averaged model or the mean
+        logits of its clients' models (`teacher_kind`), softened; then fused across architectures.
+        Its models are built once and held for the round."""
+        if self.teacher_kind == "ensemble":
+            states = {arch: [u.state for u in updates if u.architecture == arch] for arch in groups}
+        else:
+            states = {arch: [group.state] for arch, group in groups.items()}
+        members = {arch: [instantiate(arch, self.spec, weights, self.device) for weights in weights_list]
+                   for arch, weights_list in states.items()}
+        # the fusion's weights, made once: a copy to a GPU on every augmented batch would wait for it
+        sample_counts = torch.tensor([g.num_examples for g in groups.values()], device=self.device)
 
-    @property
-    def teacher(self) -> str:
-        """Which models teach the large one: "averaged" or "ensemble" (`distill.teacher`)."""
-        return self.config.distill.teacher
+        def teacher(images: torch.Tensor) -> torch.Tensor:
+            probs = []
+            for arch, models in members.items():
+                logits = torch.zeros(())
+                for model in models:
+                    logits = logits + predict_logits(model, images)
+                    metrics.add_work(arch, "inference", len(images))
+                probs.append(self.kd.soft_targets(logits / len(models)))
+            return self.fuse(torch.stack(probs), sample_counts)
 
-    def forward_distills(self, round_number: int) -> bool:
-        """Whether this round distils the large model back into the small ones."""
-        distill = self.config.distill
-        return round_number > distill.forward_warmup_rounds and distill.forward.epochs > 0
+        return teacher
 
     def teacher_targets(self, updates: Sequence[ClientUpdate], groups: dict[str, GroupAggregate], metrics: RoundMetrics) -> torch.Tensor:
-        """The fused soft targets of the round's teachers on the proxy set: per architecture, the
-        logits of its averaged model, or the mean logits of its clients' models (one model is
-        built at a time); then the architectures' softened outputs are fused."""
-        members = {arch: self._built(arch, states) for arch, states in self._teacher_weights(updates, groups).items()}
-        return self._fused_probs(members, self.server_data.proxy_images, self._sample_counts(groups), metrics)
-
-    def reverse_teacher(self, updates: Sequence[ClientUpdate], groups: dict[str, GroupAggregate], metrics: RoundMetrics) -> Teacher:
-        """The same fused teacher as `teacher_targets`, as a function of any images (augmented
-        views); its models are built once and held for the round."""
-        members = {arch: list(self._built(arch, states)) for arch, states in self._teacher_weights(updates, groups).items()}
-        counts = self._sample_counts(groups)  # once: a copy to a GPU on every batch would wait for it
-        return lambda images: self._fused_probs(members, images, counts, metrics)
-
-    def _teacher_weights(self, updates: Sequence[ClientUpdate], groups: dict[str, GroupAggregate]) -> dict[str, list[StateDict]]:
-        """Per architecture, the weights that teach: its averaged model, or each of its clients' models."""
-        if self.teacher == "ensemble":
-            return {arch: [u.state for u in updates if u.architecture == arch] for arch in groups}
-        return {arch: [group.state] for arch, group in groups.items()}
-
-    def _built(self, arch: str, states: list[StateDict]) -> Iterator[torch.nn.Module]:
-        return (instantiate(arch, self.spec, weights, self.device) for weights in states)
-
-    def _sample_counts(self, groups: dict[str, GroupAggregate]) -> torch.Tensor:
-        """Each architecture's examples this round, in `groups` order, on the device (the fusion's weights)."""
-        return torch.tensor([g.num_examples for g in groups.values()], device=self.device)
-
-    def _fused_probs(
-        self, members: dict[str, Iterable[torch.nn.Module]], images: torch.Tensor, sample_counts: torch.Tensor,
-        metrics: RoundMetrics,
-    ) -> torch.Tensor:
-        probs = []
-        for arch, models in members.items():
-            logits, count = torch.zeros(()), 0
-            for model in models:
-                logits, count = logits + predict_logits(model, images), count + 1
-                metrics.add_work(arch, "inference", len(images))
-            probs.append(soft_targets(logits / count, self.config.distill.temperature))
-        return self.fuse(torch.stack(probs), sample_counts)
+        """The round's fused teacher's soft targets on the proxy set."""
+        return self.round_teacher(updates, groups, metrics)(self.server_data.proxy_images)
 
     def _reverse_distill(
-        self, large: StateDict | None, teacher: torch.Tensor | Teacher, round_number: int, metrics: RoundMetrics,
-        momentum: StateDict | None,
-    ) -> torch.nn.Module:
-        assert large is not None
+        self, state: ServerState, updates: Sequence[ClientUpdate], groups: dict[str, GroupAggregate], round_number: int,
+        metrics: RoundMetrics,
+    ) -> tuple[torch.nn.Module, StateDict]:
+        """The large model after this round's reverse distillation, and its final momentum buffers."""
+        assert state.large is not None
         distill = self.config.distill
-        student = instantiate(self.config.models.large, self.spec, large, self.device)
+        teacher = self.round_teacher(updates, groups, metrics)
+        anchoring = distill.reverse_selection != "none" or distill.reverse_self_weight > 0
+        if anchoring:
+            teacher, kept_share = self._anchored(teacher, state.large, metrics)
         proxy = self.server_data.proxy_images
-        if distill.reverse_selection != "none" or distill.reverse_self_weight:
-            teacher = self._anchored(teacher, large, metrics)
+        targets = distillation_targets(teacher, proxy, distill.reverse)
+        student = instantiate(self.config.models.large, self.spec, state.large, self.device)
         kd_weight = 1.0
         if distill.reverse_kd_scaling == "teacher-quality":
-            kd_weight = self._teacher_quality(teacher, student, metrics)
+            kd_weight = self._teacher_quality(targets, student, metrics)
             metrics.values["reverse-kd-weight"] = kd_weight
         outcome = train_distill(
-            student, proxy, teacher, distill.temperature, distill.reverse,
-            derive_seed(self.config.seed, "reverse-distill", round_number),
-            labels=self._proxy_labels(), ce_weight=distill.reverse_ce_weight, momentum=momentum, kd_weight=kd_weight,
+            student, proxy, targets, self.kd, distill.reverse, derive_seed(self.config.seed, "reverse-distill", round_number),
+            labels=self._proxy_labels(), ce_weight=distill.reverse_ce_weight, momentum=state.optimizers.get(REVERSE),
+            kd_weight=kd_weight,
         )
+        if anchoring and distill.reverse_selection != "none":
+            metrics.values["reverse-teacher-kept"] = kept_share()
         metrics.values["reverse-loss"] = outcome.loss
         metrics.add_work(self.config.models.large, "train", outcome.samples)
-        return student
+        return student, outcome.momentum
 
-    def _anchored(self, teacher: torch.Tensor | Teacher, large: StateDict, metrics: RoundMetrics) -> torch.Tensor | Teacher:
-        """The reverse teacher anchored to the large model as it was before the round
-        (`anchored_targets`: confidence selection and self-distillation, no labels)."""
+    def _anchored(
+        self, teacher: TargetFunction, large: StateDict, metrics: RoundMetrics
+    ) -> tuple[TargetFunction, Callable[[], float]]:
+        """`teacher` anchored to the large model as it was before the round (`anchored_targets`:
+        confidence selection and self-distillation, no labels), and a function giving the share of
+        the images it was asked about on which the teachers' targets were kept."""
         distill = self.config.distill
-        before = instantiate(self.config.models.large, self.spec, large, self.device)
-        own = self._large_targets(before, metrics)
+        own = self._large_teacher(instantiate(self.config.models.large, self.spec, large, self.device), metrics)
+        kept = {"count": torch.zeros((), device=self.device), "seen": 0}
 
-        if callable(teacher):
-            return lambda images: anchored_targets(
-                teacher(images), own(images), distill.reverse_selection, distill.reverse_self_weight
-            )
-        own_probs = own(self.server_data.proxy_images)
-        if distill.reverse_selection == "confidence":  # the share of proxy images where the teachers are kept
-            kept = teacher.max(dim=-1).values >= own_probs.max(dim=-1).values
-            metrics.values["reverse-teacher-kept"] = float(kept.float().mean())
-        return anchored_targets(teacher, own_probs, distill.reverse_selection, distill.reverse_self_weight)
+        def anchored(images: torch.Tensor) -> torch.Tensor:
+            teacher_probs, own_probs = teacher(images), own(images)
+            if distill.reverse_selection == "confidence":  # counted on the device: no host read a batch
+                kept["count"] = kept["count"] + (teacher_probs.max(-1).values >= own_probs.max(-1).values).sum()
+                kept["seen"] += len(images)
+            return anchored_targets(teacher_probs, own_probs, distill.reverse_selection, distill.reverse_self_weight)
 
-    def _teacher_quality(self, teacher: torch.Tensor | Teacher, student: torch.nn.Module, metrics: RoundMetrics) -> float:
+        return anchored, lambda: float(kept["count"] / max(kept["seen"], 1))
+
+    def _teacher_quality(self, targets: Targets, student: torch.nn.Module, metrics: RoundMetrics) -> float:
         """`teacher_quality_weight` of the fused teacher against the large model, on the labelled
         server set (the head of the proxy set)."""
         labelled = self.server_data.labelled
         assert labelled is not None  # the config validator guarantees a labelled server set
-        targets = teacher(labelled.images) if callable(teacher) else teacher
-        teacher_accuracy = float((targets[: len(labelled)].argmax(1) == labelled.labels).float().mean())
+        on_labelled = targets(labelled.images) if callable(targets) else targets[: len(labelled)]
+        teacher_accuracy = float((on_labelled.argmax(1) == labelled.labels).float().mean())
         student_accuracy = evaluate(student, labelled)["accuracy"]
         metrics.add_work(self.config.models.large, "inference", len(labelled))
         return teacher_quality_weight(teacher_accuracy, student_accuracy)
@@ -183,46 +211,41 @@ class Koala(Algorithm):
         labels[: len(labelled)] = labelled.labels
         return labels
 
-    def _forward_distill(
-        self, large_model: torch.nn.Module, small: dict[str, StateDict], round_number: int, metrics: RoundMetrics,
-        optimizers: dict[str, StateDict],
-    ) -> dict[str, StateDict]:
-        distill = self.config.distill
-        teacher = self._large_targets(large_model, metrics)
-        # unaugmented, the large model's targets are computed once for every small architecture
-        targets = teacher if distill.forward.augments else teacher(self.server_data.proxy_images)
-        result = {}
-        for arch, weights in small.items():
-            distilled = self._distil_small(
-                arch, weights, targets, distill.forward, round_number, metrics, self._momentum(optimizers, f"forward:{arch}")
-            )
-            mix = distill.forward_mix
-            result[arch] = distilled if mix == 1 else fedavg([distilled, weights], [mix, 1 - mix])
-        return result
-
-    def _large_targets(self, large_model: torch.nn.Module, metrics: RoundMetrics) -> Teacher:
-        """The large model as forward distillation's teacher: its softened outputs on any images."""
+    # -- forward distillation: the large model teaches the small ones -----------------------------
+    def _large_teacher(self, large_model: torch.nn.Module, metrics: RoundMetrics) -> TargetFunction:
+        """The large model as a teacher: its softened outputs on any images."""
 
         def teacher(images: torch.Tensor) -> torch.Tensor:
             metrics.add_work(self.config.models.large, "inference", len(images))
-            return soft_targets(predict_logits(large_model, images), self.config.distill.temperature)
+            return self.kd.soft_targets(predict_logits(large_model, images))
 
         return teacher
 
+    def _forward_distill(
+        self, arch: str, weights: StateDict, targets: Targets, state: ServerState, round_number: int, metrics: RoundMetrics,
+    ) -> tuple[StateDict, StateDict]:
+        """The small model `arch` clients receive next round, and its distillation's final momentum:
+        the large model's `targets` distilled into `weights` (the round's average), mixed back with
+        them by `distill.forward-mix`."""
+        distilled, momentum = self._distil_small(arch, weights, targets, self.config.distill.forward, round_number,
+                                                 metrics, state.optimizers.get(f"forward:{arch}"))
+        mix = self.config.distill.forward_mix
+        return (distilled if mix == 1 else fedavg([distilled, weights], [mix, 1 - mix])), momentum
+
     def _distil_small(
-        self, arch: str, weights: StateDict, targets: torch.Tensor | Teacher, settings: DistillOptimizerConfig,
-        round_number: int, metrics: RoundMetrics, momentum: StateDict | None,
-    ) -> StateDict:
-        """`weights` of `arch` after distilling the large model's targets into them on the proxy set."""
+        self, arch: str, weights: StateDict, targets: Targets, settings: DistillOptimizerConfig, round_number: int,
+        metrics: RoundMetrics, momentum: StateDict | None,
+    ) -> tuple[StateDict, StateDict]:
+        """`weights` of `arch` after distilling the large model's `targets` into them on the proxy
+        set, and the distillation's final momentum buffers."""
         student = instantiate(arch, self.spec, weights, self.device)
         outcome = train_distill(
-            student, self.server_data.proxy_images, targets, self.config.distill.temperature, settings,
+            student, self.server_data.proxy_images, targets, self.kd, settings,
             derive_seed(self.config.seed, "forward-distill", round_number, arch), momentum=momentum,
         )
         metrics.values[f"forward-loss:{arch}"] = outcome.loss
         metrics.add_work(arch, "train", outcome.samples)
-        return module_state(student)
-
+        return module_state(student), outcome.momentum
 
 class FedDF(Koala):
     """FedDF (Lin et al., 2020) in KOALA's setting: the mean logits of the round's client models are
@@ -231,7 +254,7 @@ class FedDF(Koala):
     name = "feddf"
 
     @property
-    def teacher(self) -> str:
+    def teacher_kind(self) -> str:
         return "ensemble"
 
     def forward_distills(self, round_number: int) -> bool:

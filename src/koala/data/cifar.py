@@ -19,9 +19,11 @@ from koala.data.dataset import DataSource, ImageSplit, normalise
 from koala.errors import DataError
 
 try:
-    from numpy._core import multiarray as _multiarray, numeric as _numeric
+    from numpy._core import multiarray as _multiarray
+    from numpy._core import numeric as _numeric
 except ImportError:  # numpy < 2
-    from numpy.core import multiarray as _multiarray, numeric as _numeric
+    from numpy.core import multiarray as _multiarray
+    from numpy.core import numeric as _numeric
 
 CIFAR10_DIR = Path("~/.cache/koala/cifar10")
 CIFAR100_DIR = Path("~/.cache/koala/cifar100")

@@ -3,14 +3,22 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import torch
 
 from koala.config import DataConfig
 from koala.data.dataset import DataSource, ImageSplit
-from koala.data.partition import label_skew, partition_dirichlet, partition_iid, partition_k_labels
+from koala.data.partition import (
+    label_skew,
+    partition_dirichlet,
+    partition_iid,
+    partition_k_labels,
+)
+from koala.data.sources import load_source
 from koala.errors import DataError
+from koala.models.registry import InputSpec
 from koala.seeding import numpy_generator
 
 
@@ -35,6 +43,12 @@ class FederatedSplit:
     def client_data(self, client_id: int) -> ImageSplit:
         """The private training data of one client."""
         return self.client_pool.subset(self.client_indices[client_id])
+
+    @property
+    def input_spec(self) -> InputSpec:
+        """The shape of the images and the number of classes, which every model is built for."""
+        _, channels, size, _ = self.client_pool.images.shape
+        return InputSpec(int(channels), int(size), self.num_classes)
 
     def client_sizes(self) -> list[int]:
         return [int(len(i)) for i in self.client_indices]
@@ -84,6 +98,15 @@ def _partition(labels: np.ndarray, config: DataConfig, num_classes: int, rng: np
     if config.partition == "dirichlet":
         return partition_dirichlet(labels, config.num_clients, config.alpha, rng, config.min_client_size)
     return partition_k_labels(labels, config.num_clients, config.labels_per_client, rng)
+
+
+def load_federated_split(config: DataConfig, seed: int, directory: str = "") -> FederatedSplit:
+    """The federated split of the data set `config` names, read from `directory` (else `config.dir`,
+    else the data set's default). The local engine and every Flower ClientApp take their clients'
+    shards from it (`FederatedSplit.client_data`), so a client holds the same data in every engine."""
+    directory = directory or config.dir
+    source = load_source(config.dataset, Path(directory).expanduser() if directory else None)
+    return make_federated_split(source, config, seed)
 
 
 def make_federated_split(source: DataSource, config: DataConfig, seed: int) -> FederatedSplit:

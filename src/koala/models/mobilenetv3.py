@@ -10,8 +10,8 @@ from functools import partial
 
 from torch import Tensor, nn
 
-from koala.models.layers import init_weights, stem_stride
 from koala.models.layers import conv_bn_act as _conv_bn_act
+from koala.models.layers import init_weights, stem_stride
 from koala.models.registry import InputSpec, register_model
 
 LAST_CHANNELS = 1024

@@ -9,22 +9,19 @@ on exactly the shard the local engine would give client K.
 from __future__ import annotations
 
 from functools import lru_cache
-from pathlib import Path
 
 import torch
 from flwr.app import ConfigRecord, Context, Message, RecordDict
 from flwr.clientapp import ClientApp
 
-from koala.algorithms import local_train
+from koala.algorithms.client import client_seed, local_train
 from koala.config import ExperimentConfig, config_from_toml
 from koala.data.dataset import ImageSplit
-from koala.data.federated import make_federated_split
-from koala.data.sources import load_source
+from koala.data.federated import load_federated_split
+from koala.device import resolve_device
 from koala.engine.flower.messages import read_train, reply_content
 from koala.errors import ConfigError
-from koala.experiment import resolve_device
 from koala.models import InputSpec
-from koala.seeding import derive_seed
 
 app = ClientApp()
 
@@ -43,10 +40,8 @@ def node_partition(node_config: dict) -> tuple[int, int]:
 def _client_data(experiment_toml: str, partition: int, data_dir: str) -> tuple[ImageSplit, InputSpec]:
     """The node's shard (kept while the process lives: simulation actors serve many rounds)."""
     config = config_from_toml(experiment_toml, "the experiment config sent by the server")
-    directory = Path(data_dir).expanduser() if data_dir else (Path(config.data.dir).expanduser() if config.data.dir else None)
-    source = load_source(config.data.dataset, directory)
-    split = make_federated_split(source, config.data, config.seed).to(resolve_device(config.device))
-    return split.client_data(partition), InputSpec(source.channels, source.image_size, source.num_classes)
+    split = load_federated_split(config.data, config.seed, data_dir).to(resolve_device(config.device))
+    return split.client_data(partition), split.input_spec
 
 
 def _check_partition(config: ExperimentConfig, client_id: int, partition: int, num_partitions: int) -> None:
@@ -77,6 +72,5 @@ def train(message: Message, context: Context) -> Message:
     if config.threads:
         torch.set_num_threads(config.threads)
     data, spec = _client_data(request.experiment_toml, partition, str(context.node_config.get("data-dir", "")))
-    seed = derive_seed(config.seed, "client", request.round, request.task.client_id)
-    update = local_train(request.task, data, config, spec, seed)
+    update = local_train(request.task, data, config, spec, client_seed(config, request.round, request.task.client_id))
     return Message(reply_content(update), reply_to=message)

@@ -14,9 +14,8 @@ from dataclasses import dataclass
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, MetricRecord, RecordDict
 
-from koala.aggregate import ClientUpdate
-from koala.algorithms import ClientTask
 from koala.errors import UpdateRejected
+from koala.state import ClientTask, ClientUpdate
 
 ARRAYS, TASK, METRICS = "arrays", "task", "metrics"
 

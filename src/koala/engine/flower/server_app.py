@@ -1,4 +1,7 @@
-"""The ServerApp: the shared run loop, with each round's tasks delivered to SuperNodes over the Grid.
+"""The ServerApp: the shared run loop (koala.run), with each round's tasks delivered to the
+SuperNodes over the Grid (koala.engine.flower.grid). Flower calls this module by name, so it sits
+with the Flower code, but it is an entry point, as the CLI is: it is where the run layer and the
+Flower engine meet.
 
 Deployment (`flwr run flower-app CONNECTION --run-config 'config="/abs/exp.toml" out="/abs/run"'`)
 uses the module-level `app`; the simulation engine builds its own app around a config it already has.
@@ -6,133 +9,17 @@ uses the module-level `app`; the simulation engine builds its own app around a c
 
 from __future__ import annotations
 
-import time
 from pathlib import Path
 
-from flwr.app import Context, Message, MessageType, RecordDict
+from flwr.app import Context
 from flwr.serverapp import Grid, ServerApp
 
-from koala.algorithms import ServerState
-from koala.config import ExperimentConfig, config_to_toml, load_config
-from koala.engine.flower.messages import read_reply, train_content
-from koala.engine.rounds import Dispatch, Echo, Replies, RunResult, run_experiment
-from koala.errors import ConfigError, UpdateRejected
-from koala.experiment import Experiment, prepare_experiment
-from koala.run_dir import read_run_config
-
-POLL_INTERVAL = 0.25
-"""Seconds between pulls of replies (Flower's own send_and_receive waits 3 s between pulls)."""
-
-
-def push(grid: Grid, messages: dict[int, Message]) -> dict[str, int]:
-    """Push `messages` (by key) and return {message id: key}; a message Flower could not push is left out."""
-    keys = list(messages)
-    ids = grid.push_messages([messages[key] for key in keys])
-    return {message_id: key for message_id, key in zip(ids, keys) if message_id is not None}
-
-
-def pull(grid: Grid, pending: dict[str, int]) -> dict[int, Message]:
-    """The replies available now to `pending` messages, by key; answered ids leave `pending`.
-    Replies are matched by the message they answer, not by sender: the SuperLink itself sends the
-    error reply when a node is gone or a message expired."""
-    replies = {}
-    for reply in grid.pull_messages(list(pending)):
-        key = pending.pop(reply.metadata.reply_to_message_id, None)
-        if key is not None:
-            replies[key] = reply
-    return replies
-
-
-def exchange(grid: Grid, messages: dict[int, Message], timeout: float) -> dict[int, Message]:
-    """Push `messages` and collect replies until all arrived or `timeout` seconds passed."""
-    pending = push(grid, messages)
-    deadline = time.monotonic() + timeout
-    replies = pull(grid, pending)
-    while pending and time.monotonic() < deadline:
-        time.sleep(POLL_INTERVAL)
-        replies.update(pull(grid, pending))
-    return replies
-
-
-def discover_partitions(grid: Grid, config: ExperimentConfig, echo: Echo) -> dict[int, int]:
-    """Map client ids (partition ids) to node ids, waiting at most `flower.node-timeout` seconds for
-    every partition's SuperNode. Nodes are asked as they appear, while earlier ones are still
-    answering. A run starts without missing nodes only if enough are there to meet
-    `client.min-replies`; their clients then fail whenever they are sampled."""
-    wanted = config.data.num_clients
-    deadline = time.monotonic() + config.flower.node_timeout
-    nodes: dict[int, int] = {}
-    asked: set[int] = set()
-    pending: dict[str, int] = {}
-    while len(nodes) < wanted and time.monotonic() < deadline:
-        new = [node for node in grid.get_node_ids() if node not in asked]
-        asked.update(new)
-        ttl = max(deadline - time.monotonic(), 1.0)
-        pending.update(push(grid, {node: Message(RecordDict(), dst_node_id=node, message_type=MessageType.QUERY, ttl=ttl)
-                                   for node in new}))
-        for node, reply in pull(grid, pending).items():
-            _record_partition(node, reply, nodes, wanted, echo)
-        time.sleep(POLL_INTERVAL)
-    if len(nodes) < wanted:
-        missing = sorted(set(range(wanted)) - set(nodes))
-        message = (f"{len(nodes)} of {wanted} SuperNodes described their partition within flower.node-timeout = "
-                   f"{config.flower.node_timeout:g} s; missing partition-id(s) {missing[:20]}")
-        if len(nodes) < config.client.min_replies:
-            raise ConfigError(message + ": start a SuperNode for each with --node-config \"partition-id=K "
-                              f"num-partitions={wanted}\" (see the README) or raise the timeout")
-        echo(f"warning: {message}; their clients will fail when sampled")
-    return nodes
-
-
-def _record_partition(node: int, reply: Message, nodes: dict[int, int], wanted: int, echo: Echo) -> None:
-    if reply.has_error():
-        echo(f"warning: SuperNode {node} did not describe its partition: {reply.error.reason}")
-        return
-    record = reply.content.config_records["partition"]
-    partition, num_partitions = int(record["partition-id"]), int(record["num-partitions"])
-    if num_partitions != wanted or not 0 <= partition < wanted:
-        echo(f"warning: SuperNode {node} was started with partition-id={partition} num-partitions={num_partitions}, "
-             f"but the experiment has {wanted} clients; it is left out (restart it with num-partitions={wanted})")
-    elif partition in nodes:
-        echo(f"warning: SuperNodes {nodes[partition]} and {node} both hold partition {partition}; using the first")
-    else:
-        nodes[partition] = node
-
-
-def grid_dispatch(grid: Grid, experiment: Experiment, nodes: dict[int, int]) -> Dispatch:
-    """Send each sampled client's task to its SuperNode and collect the replies (in client order,
-    as the local engine does, so aggregation sums in the same order). A task lives no longer than
-    the round's timeout, so a slow node never works on a round that is over."""
-    config, algorithm = experiment.config, experiment.algorithm
-    experiment_toml = config_to_toml(config)
-    timeout = config.flower.round_timeout
-
-    def dispatch(state: ServerState, clients: list[int], round_number: int) -> Replies:
-        replies = Replies()
-        tasks = {cid: algorithm.client_task(state, cid) for cid in clients}
-        messages = {
-            cid: Message(train_content(tasks[cid], round_number, experiment_toml), dst_node_id=nodes[cid],
-                         message_type=MessageType.TRAIN, ttl=timeout)
-            for cid in clients if cid in nodes
-        }
-        received = exchange(grid, messages, timeout)
-        for cid in clients:
-            if cid not in nodes:  # never sent: no traffic to account for
-                replies.fail(cid, f"no SuperNode holds partition-id {cid}")
-                continue
-            task, reply = tasks[cid], received.get(cid)
-            if reply is None:
-                replies.fail(cid, f"no reply within flower.round-timeout = {timeout:g} s", sent=task)
-            elif reply.has_error():
-                replies.fail(cid, f"the ClientApp failed: {reply.error.reason}", sent=task)
-            else:
-                try:
-                    replies.received(task, read_reply(reply.content, cid))
-                except UpdateRejected as exc:
-                    replies.fail(cid, str(exc), sent=task)
-        return replies
-
-    return dispatch
+from koala.config import ExperimentConfig, load_config
+from koala.engine.flower.grid import discover_partitions, grid_dispatch
+from koala.errors import ConfigError
+from koala.run.experiment import prepare_experiment
+from koala.run.loop import Echo, RunResult, run_experiment
+from koala.run.run_dir import read_run_config
 
 
 def run_on_grid(grid: Grid, config: ExperimentConfig, out_dir: Path | None, echo: Echo, engine: str, resume: bool = False) -> RunResult:
@@ -140,7 +27,8 @@ def run_on_grid(grid: Grid, config: ExperimentConfig, out_dir: Path | None, echo
     (with `resume`, the rounds after `out_dir`'s checkpoint)."""
     experiment = prepare_experiment(config)
     nodes = discover_partitions(grid, config, echo)
-    return run_experiment(experiment, grid_dispatch(grid, experiment, nodes), out_dir, echo, engine=engine, resume=resume)
+    return run_experiment(experiment, grid_dispatch(grid, experiment.algorithm, nodes), out_dir, echo, engine=engine,
+                          resume=resume)
 
 
 app = ServerApp()

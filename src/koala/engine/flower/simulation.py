@@ -12,8 +12,8 @@ from flwr.simulation import run_simulation
 from koala.config import ExperimentConfig
 from koala.engine.flower.client_app import app as client_app
 from koala.engine.flower.server_app import run_on_grid
-from koala.engine.rounds import Echo, RunResult
 from koala.errors import KoalaError
+from koala.run.loop import Echo, RunResult
 
 
 def run_flower_simulation(

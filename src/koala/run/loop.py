@@ -1,65 +1,48 @@
-"""The run loop every engine shares. An engine's one job is to deliver the round's tasks to the
-sampled clients and bring their replies back (`Dispatch`); sampling, validation, the server step,
-evaluation, accounting and the run directory are the same whichever engine runs the clients."""
+"""The run loop every engine shares: sampling, validation of the replies, the server step,
+evaluation, accounting and the run directory with a checkpoint after every round. The clients are
+reached through an engine's `Dispatch` (koala.engine.dispatch), whichever engine it is."""
 
 from __future__ import annotations
 
-import statistics
 import time
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field, replace
-from datetime import timedelta
+from collections.abc import Callable
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
-from koala.accounting import ClientExchange, payload_bytes, resources_summary, round_resources
-from koala.aggregate import ClientUpdate, validate_metrics
-from koala.algorithms import ClientTask, RoundMetrics, ServerState
-from koala.checkpoint import CHECKPOINT_FILE, Checkpoint, load_checkpoint, save_checkpoint
+from koala.accounting.ledger import resources_summary, round_resources
+from koala.algorithms import RoundMetrics
 from koala.config import config_to_toml
-from koala.errors import ConfigError, UpdateRejected
-from koala.experiment import Experiment
-from koala.run_dir import CONFIG_FILE, ENVIRONMENT_FILE, METRICS_FILE, RESOURCES_FILE, SUMMARY_FILE, RunDirectory, default_run_dir
-from koala.provenance import environment
+from koala.engine.dispatch import Dispatch, Replies
+from koala.errors import ConfigError
+from koala.run.checkpoint import (
+    CHECKPOINT_FILE,
+    Checkpoint,
+    load_checkpoint,
+    save_checkpoint,
+)
+from koala.run.experiment import Experiment
+from koala.run.progress import (
+    estimate_time_left,
+    format_client_problems,
+    format_progress,
+    format_savings,
+)
+from koala.run.provenance import environment
+from koala.run.run_dir import (
+    CONFIG_FILE,
+    ENVIRONMENT_FILE,
+    METRICS_FILE,
+    RESOURCES_FILE,
+    SUMMARY_FILE,
+    RunDirectory,
+    default_run_dir,
+)
 from koala.sampling import unreachable_clients
 from koala.seeding import GlobalRngState
+from koala.state import ServerState
 
 Echo = Callable[[str], None]
-
-
-@dataclass
-class Replies:
-    """What came back from the round's clients, as the engine saw it."""
-
-    updates: list[ClientUpdate] = field(default_factory=list)
-    exchanges: list[ClientExchange] = field(default_factory=list)
-    failures: list[dict[str, Any]] = field(default_factory=list)
-
-    def received(self, task: ClientTask, update: ClientUpdate) -> None:
-        """Record a client's update, and the bytes and training its exchange cost; a reply whose
-        metrics are not what a client reports is recorded as a failure instead."""
-        try:
-            validate_metrics(task.client_id, update.metrics)
-        except UpdateRejected as exc:
-            self.fail(task.client_id, str(exc), sent=task)
-            return
-        self.updates.append(update)
-        self.exchanges.append(ClientExchange(
-            task.client_id, task.architecture, payload_bytes(task.state), payload_bytes(update.state),
-            int(update.metrics["trained-samples"]),
-        ))
-
-    def fail(self, client_id: int, reason: str, sent: ClientTask | None = None) -> None:
-        """Record a sampled client that produced no usable update (unreachable, crashed, timed out,
-        or sent something that is not an update); updates that fail validation are `rejected` instead.
-        `sent` is the task when it did go out: its download is accounted for."""
-        self.failures.append({"client": client_id, "reason": reason})
-        if sent is not None:
-            self.exchanges.append(ClientExchange(client_id, sent.architecture, payload_bytes(sent.state), 0, 0))
-
-
-Dispatch = Callable[[ServerState, list[int], int], Replies]
-"""(server state, sampled client ids, round number) -> the replies of that round."""
 
 
 @dataclass(frozen=True)
@@ -127,56 +110,6 @@ def evaluation(experiment: Experiment, state: ServerState) -> dict[str, Any]:
     if algorithm.server_data.validation is not None:
         results["eval-validation"] = algorithm.evaluate(state, algorithm.server_data.validation)
     return results
-
-
-def format_progress(line: dict[str, Any], total_rounds: int, elapsed: float | None = None, left: float | None = None) -> str:
-    """One readable line per round, ending with the run's elapsed time and the estimated time left
-    when they are given."""
-    parts = [f"round {line['round']:>3}/{total_rounds}"]
-    for model, result in line.get("eval", {}).items():
-        parts.append(f"{model} {100 * result['accuracy']:.2f}%")
-    if line["round"] > 0:
-        parts.append(f"clients {line['accepted']}/{line['clients']}")
-        for key in ("failed", "rejected", "clipped"):
-            if line.get(key):
-                parts.append(f"{key} {len(line[key])}")
-        if line["train-loss"] is not None:
-            parts.append(f"train-loss {line['train-loss']:.3f}")
-        parts.append(f"{line['time-round']:.1f} s")
-        if "skipped" in line:
-            parts.append("SKIPPED: " + line["skipped"])
-    if elapsed is not None:
-        parts.append(f"elapsed {timedelta(seconds=round(elapsed))}")
-    if left is not None:
-        parts.append(f"about {timedelta(seconds=round(left))} left")
-    return "  ".join(parts)
-
-
-def estimate_time_left(round_seconds: Sequence[float], rounds_left: int) -> float:
-    """Seconds the remaining rounds should take: the median of the last 5 rounds' times, each."""
-    return statistics.median(round_seconds[-5:]) * rounds_left if round_seconds else 0.0
-
-
-def format_client_problems(line: dict[str, Any]) -> list[str]:
-    """One line per client that failed, was rejected or clipped in the round, with the reason."""
-    problems = [f"  client {entry['client']} failed: {entry['reason']}" for entry in line.get("failed", [])]
-    problems += [f"  client {entry['client']} rejected: {entry['reason']}" for entry in line.get("rejected", [])]
-    problems += [f"  client {entry['client']} clipped: update norm {entry['norm']:.4g}" for entry in line.get("clipped", [])]
-    return problems
-
-
-def format_savings(resources: dict[str, Any]) -> str:
-    """One line: what the clients sent, received and computed, and the savings against FedAvg-large."""
-    totals, saved = resources["totals"], resources["reductions-vs-fedavg-large"]
-
-    def pct(key: str) -> str:
-        return "n/a" if saved[key] is None else f"{100 * saved[key]:.1f}%"
-
-    return (
-        f"clients: {totals['bytes-down'] / 1e6:.1f} MB down, {totals['bytes-up'] / 1e6:.1f} MB up, "
-        f"{totals['client-flops'] / 1e12:.3f} TFLOP; against FedAvg-large: storage -{pct('storage')}, "
-        f"FLOPs -{pct('client-flops')}, bytes up -{pct('bytes-up')}, bytes down -{pct('bytes-down')}"
-    )
 
 
 def summarise(

@@ -23,10 +23,10 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save
 
-from koala.algorithms import ServerState
 from koala.errors import CheckpointError
-from koala.run_dir import CONFIG_FILE, MetricsPosition, write_atomically
+from koala.run.run_dir import CONFIG_FILE, MetricsPosition, write_atomically
 from koala.seeding import GlobalRngState
+from koala.state import ServerState
 
 CHECKPOINT_FILE = "checkpoint.safetensors"
 FORMAT = "koala-fl checkpoint 1"

@@ -9,11 +9,11 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file
 from torch import nn
 
-from koala.aggregate import StateDict
 from koala.data.dataset import ImageSplit
 from koala.errors import ModelError
 from koala.models import InputSpec, build_model, model_entry
 from koala.seeding import seeded_torch
+from koala.state import StateDict
 from koala.training import evaluate
 
 

@@ -12,7 +12,8 @@ from typing import Any
 
 import torch
 
-PACKAGE_DIR = Path(__file__).resolve().parent
+PACKAGE_DIR = Path(__file__).resolve().parent.parent
+"""The `koala` package directory (this module is koala/run/provenance.py)."""
 
 
 def _git(*args: str) -> str | None:

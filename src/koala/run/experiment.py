@@ -4,18 +4,15 @@ from __future__ import annotations
 
 from collections import Counter
 from dataclasses import dataclass
-from pathlib import Path
 
 import torch
 
-from koala.accounting import CostTable
+from koala.accounting.measure import CostTable
 from koala.algorithms import Algorithm, ServerData, algorithm_class, make_algorithm
 from koala.config import ExperimentConfig
-from koala.data.federated import FederatedSplit, make_federated_split
-from koala.data.sources import load_source
-from koala.errors import ConfigError
-from koala.models import InputSpec, build_model
-from koala.vectorised import require_vectorisable
+from koala.data.federated import FederatedSplit, load_federated_split
+from koala.device import resolve_device
+from koala.models import InputSpec
 
 
 @dataclass(frozen=True)
@@ -47,25 +44,15 @@ class Experiment:
         }
 
 
-def resolve_device(name: str) -> torch.device:
-    if name == "cuda" and not torch.cuda.is_available():
-        raise ConfigError("device = 'cuda' but torch sees no GPU here; set device = 'cpu'")
-    return torch.device(name)
-
-
 def prepare_experiment(config: ExperimentConfig) -> Experiment:
     """Load and split the data, check the models and build the algorithm (nothing written yet)."""
     if config.threads:
         torch.set_num_threads(config.threads)
     device = resolve_device(config.device)
-    source = load_source(config.data.dataset, Path(config.data.dir).expanduser() if config.data.dir else None)
-    split = make_federated_split(source, config.data, config.seed).to(device)
-    spec = InputSpec(source.channels, source.image_size, source.num_classes)
+    split = load_federated_split(config.data, config.seed).to(device)
+    spec = split.input_spec
     pooled = split.client_pool.subset(torch.cat(split.client_indices)) if algorithm_class(config).pools_client_data else None
     server_data = ServerData(split.proxy_images, split.labelled_server, split.test, pooled, split.validation)
     algorithm = make_algorithm(config, spec, server_data, device)
-    if config.client.vectorised and not algorithm.pools_client_data:
-        for architecture in sorted({algorithm.client_architecture(c) for c in range(split.num_clients)}):
-            require_vectorisable(build_model(architecture, spec), architecture)
     costs = CostTable(spec, config.client.batch_size, momentum=config.client.momentum > 0)
     return Experiment(config, split, spec, algorithm, device, costs)
