@@ -41,6 +41,25 @@ def _weights_of_another_model(tmp: Path) -> list[str]:
     return [str(QUICKSTART), *_set("large-init.kind='file'", f"large-init.path='{weights}'")]
 
 
+def _pickled_objects_as_weights(tmp: Path) -> list[str]:
+    weights = tmp / "checkpoint.pt"  # a training checkpoint, not a state dict: an optimizer and a Python object
+    torch.save({"model": {"w": torch.zeros(2)}, "epoch": 3, "optimizer": torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=0.1)},
+               weights)
+    return [str(QUICKSTART), *_set("large-init.kind='file'", f"large-init.path='{weights}'")]
+
+
+def _tensors_not_by_name(tmp: Path) -> list[str]:
+    weights = tmp / "list.pt"
+    torch.save([torch.zeros(2), torch.ones(2)], weights)
+    return [str(QUICKSTART), *_set("large-init.kind='file'", f"large-init.path='{weights}'")]
+
+
+def _empty_config(tmp: Path) -> list[str]:
+    config = tmp / "empty.toml"
+    config.write_text("# the experiment, to be written\n\n")
+    return [str(config)]
+
+
 def _invalid_toml(tmp: Path) -> list[str]:
     config = tmp / "broken.toml"
     config.write_text("rounds = 3\n[data\nalpha = 0.5\n")
@@ -100,11 +119,19 @@ CASES: dict[str, Case] = {
     "vectorised training of a model with dropout": (
         [str(QUICKSTART), *_set("client.vectorised=true", "models.small=['mobilenetv3-small']")],
         "client.vectorised: mobilenetv3-small has dropout (classifier.2, p=0.2)"),
+    "architecture without clients": ([str(QUICKSTART), *DIGITS, *_set("models.small=['lenet','mobilenetv3-small']",
+                                                                      "models.assignment=['lenet','lenet','lenet','lenet']")],
+                                     "models.assignment gives no client ['mobilenetv3-small']"),
     "shares do not match models": ([str(QUICKSTART), *_set("models.small-shares=[0.5,0.5]")],
                                    "models.small-shares has 2 entries but models.small has 1"),
     "missing weights file": ([str(QUICKSTART), *_set("large-init.kind='file'", "large-init.path='/nonexistent.safetensors'")],
                              "weights file /nonexistent.safetensors does not exist (large-init.path)"),
     "weights of another model": (_weights_of_another_model, "does not fit resnet18-ds: missing"),
+    "weights file that is not a state dict": (_pickled_objects_as_weights,
+                                              "checkpoint.pt is not a plain state dict (a mapping of names to tensors)"),
+    "weights file of tensors not by name": (_tensors_not_by_name,
+                                            "list.pt is not a plain state dict (a mapping of names to tensors)"),
+    "empty config file": (_empty_config, "empty.toml sets nothing (it is empty or only comments)"),
     "missing config file": (["missing.toml"], "config file missing.toml does not exist"),
     "invalid TOML": (_invalid_toml, "is not valid TOML"),
     "malformed --set": ([str(QUICKSTART), "--set", "rounds"], "--set 'rounds': expected key=value"),
@@ -131,7 +158,7 @@ def test_bad_input_gives_one_clear_message_and_writes_nothing(case: str, tmp_pat
     assert main(["run", *arguments]) == 2
     err = capsys.readouterr().err
     assert err.startswith("koala: error:") and message in err, err
-    assert "Traceback" not in err
+    assert "Traceback" not in err and "weights_only=False" not in err  # never the advice to unpickle
     assert _snapshot(tmp_path) == before  # no run directory, and every input as it was
 
 
@@ -140,6 +167,28 @@ def test_cuda_without_a_gpu_is_refused(tmp_path: Path, capsys: pytest.CaptureFix
     assert main(["run", str(QUICKSTART), *DIGITS, *_set("device='cuda'"), "--out", str(tmp_path / "out")]) == 2
     assert "device = 'cuda' but torch sees no GPU here; set device = 'cpu'" in capsys.readouterr().err
     assert not (tmp_path / "out").exists()
+
+
+def test_a_torch_state_dict_file_and_a_safetensors_file_start_the_large_model_alike(tmp_path: Path) -> None:
+    from safetensors.torch import save_file
+
+    from koala.models import InputSpec
+    from koala.weights import initial_state, load_weights
+
+    spec = InputSpec(1, 8, 10)
+    reference = initial_state("lenet", spec, 0)
+    trained = {name: tensor + 1 for name, tensor in reference.items()}
+    torch.save(trained, tmp_path / "weights.pt")
+    save_file(trained, str(tmp_path / "weights.safetensors"))
+    for name in ("weights.pt", "weights.safetensors"):
+        loaded = load_weights(tmp_path / name, "lenet", reference)
+        assert loaded.keys() == trained.keys() and all(torch.equal(loaded[k], trained[k]) for k in trained)
+
+
+def test_a_config_that_only_names_itself_runs_the_defaults_on_purpose(tmp_path: Path) -> None:
+    config = tmp_path / "defaults.toml"
+    config.write_text('name = "defaults"\n')
+    assert load_config(config).name == "defaults" and load_config(config).rounds == load_config(None).rounds
 
 
 def test_the_readme_lists_every_bad_input_with_its_message() -> None:

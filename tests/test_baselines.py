@@ -1,6 +1,7 @@
 """The baselines beside KOALA: FedDF (the client ensemble distilled into the large model, no forward
 distillation) and the centralised upper bound (the large model on the pooled client data)."""
 
+import json
 from pathlib import Path
 
 from helpers import DIGITS_KOALA, QUICKSTART
@@ -8,6 +9,7 @@ from helpers import DIGITS_KOALA, QUICKSTART
 from koala.config import load_config
 from koala.run.experiment import Experiment, prepare_experiment
 from koala.run.launch import run_local
+from koala.training import samples_per_epoch
 
 DIGITS = [*DIGITS_KOALA, "rounds=3", "client.epochs=3", "distill.temperature=1.0", "distill.reverse.epochs=5"]
 
@@ -36,6 +38,32 @@ def test_centralised_large_trains_on_the_pooled_client_data_without_clients(tmp_
     result = run_local(load_config(QUICKSTART, [*DIGITS, "algorithm='centralised'"]), tmp_path / "run", echo=lambda _: None)
     large = _accuracy(result.metrics, "large")
     assert large[-1] > 0.8 and large[-1] > large[0] + 0.5
+    large_cost = json.loads((tmp_path / "run" / "resources.json").read_text())["architectures"]["lenet"]
+    per_round = experiment.config.client.epochs * samples_per_epoch(len(pooled), experiment.config.client.batch_size)
     for line in result.metrics[1:]:
         assert line["clients"] == 0 and line["resources"]["client-flops"] == 0 and "skipped" not in line
-        assert line["resources"]["server-flops"] > 0
+        assert line["resources"]["server-flops"] == per_round * large_cost["train-flops-per-sample"]
+
+
+def test_feddf_distils_the_mean_logits_of_the_client_models_not_their_average() -> None:
+    import torch
+    from helpers import round_one_updates
+
+    from koala.aggregate import aggregate_by_architecture
+    from koala.algorithms import RoundMetrics
+    from koala.training import predict_logits
+    from koala.weights import instantiate
+
+    feddf = _experiment("algorithm='feddf'")
+    updates = round_one_updates(feddf)
+    groups = aggregate_by_architecture(updates)
+    targets = feddf.algorithm.teacher_targets(updates, groups, RoundMetrics())
+    proxy = feddf.split.proxy_images
+
+    def logits(weights):
+        return predict_logits(instantiate("lenet", feddf.spec, weights, "cpu"), proxy)
+
+    ensemble = torch.stack([logits(u.state) for u in updates]).mean(0)
+    torch.testing.assert_close(targets, feddf.algorithm.kd.soft_targets(ensemble), rtol=1e-5, atol=1e-6)
+    averaged = feddf.algorithm.kd.soft_targets(logits(groups["lenet"].state))
+    assert not torch.allclose(targets, averaged, atol=1e-4)  # so removing FedDF's choice of teacher fails here

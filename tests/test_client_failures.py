@@ -172,6 +172,10 @@ INVALID = {
     "negative-examples": (lambda u: replace(u, num_examples=-5), "reported -5 examples"),
     "fractional-examples": (lambda u: replace(u, num_examples=2.5), "reported 2.5 examples"),
     "boolean-examples": (lambda u: replace(u, num_examples=True), "reported True examples"),
+    "inflated-examples": (lambda u: replace(u, num_examples=10**12), "reported 1000000000000 examples but holds"),
+    "deflated-examples": (lambda u: replace(u, num_examples=u.num_examples - 1), "an update must report the size of its own data"),
+    "inflated-trained-samples": (lambda u: replace(u, metrics={**u.metrics, "trained-samples": 10**12}),
+                                 "reported trained-samples = 1000000000000, but 1 epoch(s)"),
     "not-sampled": (lambda u: replace(u, client_id=3), "client 3 was not asked for an update this round"),
     "second-reply": (lambda u: replace(u, client_id=1), "client 1 replied more than once this round"),
 }
@@ -199,6 +203,36 @@ def test_an_invalid_update_is_rejected_and_the_server_state_is_as_if_it_never_ca
     # and the valid third update does change the result: the comparison above can fail
     with_third, _ = complete_round(experiment, state, [0, 1, 2], Replies(updates=[first, second, third]))
     assert not torch.equal(with_third.large[FIRST], without.large[FIRST])
+
+
+@pytest.mark.parametrize("why", ["unreachable this round (simulated: client.dropout-probability = 0.5)",
+                                 "the client raised RuntimeError: out of memory"])
+def test_an_update_from_a_client_recorded_as_failed_or_dropped_is_rejected(round_inputs, why: str) -> None:
+    # e.g. a late reply from a node already written off: the round is as if it never came
+    experiment, state, (first, second, third) = round_inputs
+    without, _ = complete_round(experiment, state, [0, 1, 2], Replies(updates=[first, second]))
+    replies = Replies(updates=[first, second, third])
+    replies.fail(2, why)
+    with_late, line = complete_round(experiment, state, [0, 1, 2], replies)
+    _assert_same_state(with_late, without)
+    assert line["accepted"] == 2 and line["failed"] == [{"client": 2, "reason": why}]
+    assert line["rejected"] == [{"client": 2, "reason": "client 2 was not asked for an update this round"}]
+
+
+def test_a_rejected_updates_claimed_training_is_not_counted_in_the_ledger(round_inputs) -> None:
+    # bytes up still count (they were sent); the FLOPs a rejected client claims do not
+    experiment, state, (first, second, third) = round_inputs
+    inflated = replace(third, num_examples=10**12, metrics={**third.metrics, "trained-samples": 10**12})
+    lines = {}
+    for name, reply in (("honest", third), ("inflated", inflated)):
+        replies = Replies()
+        for update in (first, second, reply):
+            replies.received(experiment.algorithm.client_task(state, update.client_id), update)
+        lines[name] = complete_round(experiment, state, [0, 1, 2], replies)[1]["resources"]
+    honest, inflated_line = lines["honest"], lines["inflated"]
+    third_flops = next(c["flops"] for c in honest["per-client"] if c["client"] == 2)
+    assert third_flops > 0 and inflated_line["client-flops"] == honest["client-flops"] - third_flops
+    assert inflated_line["bytes-up"] == honest["bytes-up"] and inflated_line["replies"] == 3
 
 
 def test_clipping_scales_the_change_to_the_limit_and_keeps_its_direction(round_inputs) -> None:

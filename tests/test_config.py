@@ -4,6 +4,7 @@ from pathlib import Path
 
 import pytest
 import tomli_w
+from helpers import DIGITS
 
 from koala.config import (
     ExperimentConfig,
@@ -13,6 +14,7 @@ from koala.config import (
     load_config,
 )
 from koala.errors import ConfigError
+from koala.run.launch import run_local
 
 CONFIGS = sorted((Path(__file__).parent.parent / "configs").glob("*.toml"))
 
@@ -24,8 +26,25 @@ def test_defaults_are_valid() -> None:
 
 
 @pytest.mark.parametrize("path", CONFIGS, ids=lambda p: p.name)
-def test_shipped_configs_load(path: Path) -> None:
-    load_config(path)
+def test_shipped_configs_run_a_round_as_their_method(path: Path, tmp_path: Path) -> None:
+    # each shipped config, on digits with LeNets for speed, runs its method for one round: every
+    # lever it sets is accepted by a real run, and the run is the method and mode it says it is
+    config = load_config(path)
+    small = "['lenet','mobilenetv3-small']" if config.models.heterogeneous else "['lenet']"
+    labelled = ["data.proxy-labelled=100"] if config.data.proxy_labelled else []
+    overrides = [*DIGITS, "data.num-clients=4", "data.proxy-fraction=0.2", "data.proxy-size=0", "data.client-size=0",
+                 "data.validation-size=0", "models.large='lenet'", f"models.small={small}", "rounds=1",
+                 "large-init.pretrain.epochs=1", *labelled]
+    result = run_local(load_config(path, overrides), tmp_path / "run", echo=lambda _: None)
+    summary = result.summary
+    assert summary["algorithm"] == config.algorithm and summary["rounds"] == 1
+    expected_mode = "heterogeneous" if config.models.heterogeneous and config.algorithm != "fedavg-large" else "homogeneous"
+    assert summary["mode"] == expected_mode
+    line = result.metrics[1]
+    distils = config.algorithm in ("koala", "feddf")
+    assert ("reverse-loss" in line) == distils
+    assert any(k.startswith("forward-loss:") for k in line) == (config.algorithm == "koala")
+    assert (line["clients"] == 0) == (config.algorithm == "centralised")
 
 
 def test_shipped_configs_exist() -> None:

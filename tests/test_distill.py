@@ -87,12 +87,32 @@ def test_consensus_fusion_keeps_everyone_when_nobody_agrees() -> None:
     assert torch.allclose(fused, torch.tensor([[0.275, 0.45, 0.275]]))
 
 
+def _fusion_by_hand(name: str, probs: torch.Tensor, counts: list[int]) -> torch.Tensor:
+    """Each rule written out example by example, teacher by teacher, in plain Python."""
+    shares = [c / sum(counts) for c in counts]
+    fused = []
+    for n in range(probs.shape[1]):
+        if name == "uniform":
+            weights = [1.0] * len(counts)
+        elif name == "sample-share":
+            weights = shares
+        elif name == "confidence":
+            weights = [shares[k] * float(probs[k, n].max()) for k in range(len(counts))]
+        else:  # consensus: the teachers whose top class is that of the sample-share mixture
+            mixture = sum(shares[k] * probs[k, n] for k in range(len(counts)))
+            agree = [int(probs[k, n].argmax()) == int(mixture.argmax()) for k in range(len(counts))]
+            weights = [shares[k] * (agree[k] or not any(agree)) for k in range(len(counts))]
+        fused.append(sum(w * probs[k, n] for k, w in enumerate(weights)) / sum(weights))
+    return torch.stack(fused)
+
+
 @pytest.mark.parametrize("name", ["sample-share", "uniform", "confidence", "consensus"])
-def test_fused_targets_stay_distributions(name: str) -> None:
+def test_fused_targets_equal_the_rule_written_out_by_hand(name: str) -> None:
     g = torch.Generator().manual_seed(1)
-    probs = torch.softmax(torch.randn(3, 5, 10, generator=g), dim=-1)
+    probs = torch.softmax(2 * torch.randn(3, 50, 10, generator=g), dim=-1)
     fused = fusion_rule(name)(probs, torch.tensor([1, 2, 7]))
-    assert torch.allclose(fused.sum(-1), torch.ones(5))
+    torch.testing.assert_close(fused, _fusion_by_hand(name, probs, [1, 2, 7]), rtol=1e-5, atol=1e-6)
+    assert torch.allclose(fused.sum(-1), torch.ones(50))
 
 
 def test_fusion_registry() -> None:

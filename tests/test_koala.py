@@ -111,3 +111,19 @@ def test_koala_keeps_the_server_momentum_of_each_distillation_when_asked() -> No
             assert after.optimizers["reverse"].keys() == {k for k in after.large if "running" not in k and "num_batches" not in k}
         else:
             assert after.optimizers == {}
+
+
+def test_forward_distillation_can_stop_early_and_its_checks_are_counted() -> None:
+    experiment = _experiment("models.small=['mobilenetv3-small']", "client.epochs=1", "distill.reverse.epochs=1", "distill.forward.epochs=4",
+                             "distill.forward.holdout-fraction=0.25", "distill.forward.patience=1")
+    state = experiment.algorithm.initial_state(RoundMetrics())
+    metrics = RoundMetrics()
+    experiment.algorithm.server_round(state, round_one_updates(experiment), metrics)
+    proxy = len(experiment.split.proxy_images)
+    held = round(0.25 * proxy)
+    kept = proxy - held
+    epochs_run = metrics.work[("mobilenetv3-small", "train")] // kept
+    assert metrics.work[("mobilenetv3-small", "train")] == epochs_run * kept and 1 <= epochs_run <= 4
+    # the averaged MobileNetV3 teaches the large model on the proxy set once; the forward student is
+    # checked on the held-out slice at the start and after every epoch it ran
+    assert metrics.work[("mobilenetv3-small", "inference")] == proxy + (epochs_run + 1) * held

@@ -42,6 +42,9 @@ def test_report_writes_a_table_and_plots(runs: list[Path], tmp_path: Path, capsy
     summary = json.loads((runs[0] / "summary.json").read_text())
     assert koala[1:4] == ["koala", "homogeneous", "2"] and fedavg[1:4] == ["fedavg-small", "homogeneous", "3"]
     assert koala[4] == f"{100 * summary['final']['large']['accuracy']:.2f}"
+    assert koala[5] == f"{100 * summary['best-accuracy']['large']:.2f}"  # over rounds 1 and 2, as the summary's
+    rounds = [a for r, a in load_run(runs[0]).accuracy("large") if r > 0]
+    assert summary["best-accuracy"]["large"] == max(rounds)
     assert fedavg[4] == fedavg[5] == "–"  # no large model in FedAvg-small
     lenet = json.loads((runs[0] / "resources.json").read_text())["architectures"]["lenet"]
     assert koala[7] == f"lenet {lenet['parameters']:,}"

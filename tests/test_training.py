@@ -68,7 +68,7 @@ def test_early_stopping_stops_after_patience_epochs_without_gain_and_restores_th
     for epoch in range(1, 6):
         with torch.no_grad():
             model.weight.fill_(epoch)  # "training" sets the weight to the epoch number
-        decisions.append(stopper())
+        decisions.append(stopper({}))
         if decisions[-1]:
             break
     assert decisions == [False, False, False, True]  # epochs 3 and 4 did not beat epoch 2's 3.0
@@ -110,3 +110,49 @@ def test_without_a_holdout_every_epoch_runs() -> None:
     inputs, teacher = torch.randn(30, 1, 8, 8), torch.full((30, 10), 0.1)
     outcome = train_distill(student, inputs, teacher, Distillation(1.0), DistillOptimizerConfig(epochs=3, batch_size=10), seed=0)
     assert outcome.samples == 90
+
+
+def test_early_stopping_gives_back_the_momentum_of_the_best_weights() -> None:
+    from koala.training import EarlyStopping
+
+    model = torch.nn.Linear(1, 1, bias=False)
+    losses = iter([5.0, 4.0, 3.0, 3.5, 3.2])
+    stopper = EarlyStopping(model, lambda: next(losses), patience=2, momentum={"weight": torch.full((1, 1), -1.0)})
+    for epoch in range(1, 5):
+        with torch.no_grad():
+            model.weight.fill_(epoch)
+        if stopper({"weight": torch.full((1, 1), float(10 * epoch))}):  # the buffers as epoch `epoch` left them
+            break
+    momentum = stopper.restore_best()
+    assert model.weight.item() == 2.0 and momentum["weight"].item() == 20.0  # epoch 2's weights, epoch 2's momentum
+    # when no epoch beats the start, the start's weights come back with the momentum they started with
+    losses = iter([1.0, 2.0, 3.0])
+    start = EarlyStopping(model, lambda: next(losses), patience=2, momentum={"weight": torch.full((1, 1), -1.0)})
+    start({"weight": torch.zeros(1, 1)})
+    start({"weight": torch.zeros(1, 1)})
+    assert start.restore_best()["weight"].item() == -1.0 and start.checks == 3
+
+
+def test_distillation_with_a_holdout_counts_its_checks_and_keeps_the_best_momentum() -> None:
+    from koala.config import DistillOptimizerConfig
+    from koala.models import InputSpec, build_model
+    from koala.training import train_distill
+
+    g = torch.Generator().manual_seed(0)
+    inputs = torch.randn(200, 1, 8, 8, generator=g)
+    teacher = torch.softmax(3 * torch.randn(200, 10, generator=g), -1)
+    torch.manual_seed(0)
+    student = build_model("lenet", InputSpec(1, 8, 10))
+    carried = {name: torch.zeros_like(p) for name, p in student.named_parameters()}
+    settings = DistillOptimizerConfig(epochs=40, batch_size=20, lr=0.1, holdout_fraction=0.25, patience=2)
+    outcome = train_distill(student, inputs, teacher, Distillation(1.0), settings, seed=3, momentum=carried)
+    epochs = outcome.samples // 150
+    assert outcome.held_out_passes == (epochs + 1) * 50  # the start and every epoch, 50 held-out images each
+    plain = train_distill(build_model("lenet", InputSpec(1, 8, 10)), inputs, teacher, Distillation(1.0),
+                          DistillOptimizerConfig(epochs=2, batch_size=20), seed=3)
+    assert plain.held_out_passes == 0
+    # the momentum given back is that of the weights kept, not of the last epoch run
+    assert outcome.momentum.keys() == carried.keys()
+    last_epoch = train_distill(build_model("lenet", InputSpec(1, 8, 10)), inputs, teacher, Distillation(1.0),
+                               settings.model_copy(update={"holdout_fraction": 0.0, "epochs": epochs}), seed=3)
+    assert any(not torch.equal(outcome.momentum[k], last_epoch.momentum[k]) for k in carried)

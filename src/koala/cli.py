@@ -100,6 +100,17 @@ def _report(args: argparse.Namespace) -> None:
     print(f"wrote {target} and its plots in {args.out}/")
 
 
+def _certs(args: argparse.Namespace) -> None:
+    try:
+        from koala.engine.flower.certificates import write_certificates
+    except ImportError:
+        raise ConfigError("koala certs needs Flower's dependencies: pip install 'koala-fl[flower]'") from None
+    paths = write_certificates(args.out, args.address, args.days)
+    print(f"wrote {paths['ca']} and {paths['cert']} (subjectAltName: {', '.join(args.address)}), and their keys "
+          f"{paths['ca-key']} and {paths['key']} (owner-only); give ca.pem to the SuperNodes and the flwr machine, "
+          "server.pem and server.key to the SuperLink, and keep ca.key away from all of them")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="koala", description="KOALA federated knowledge-transfer fine-tuning")
     commands = parser.add_subparsers(dest="command", required=True)
@@ -140,6 +151,13 @@ def build_parser() -> argparse.ArgumentParser:
     report.add_argument("runs", type=Path, nargs="+", metavar="RUN_DIR")
     report.add_argument("--out", type=Path, default=Path("report"), help="where report.md and the plots go")
     report.set_defaults(handler=_report)
+
+    certs = commands.add_parser("certs", help="write a CA and a SuperLink TLS certificate for a Flower deployment")
+    certs.add_argument("--address", action="append", required=True, metavar="HOST_OR_IP",
+                       help="an address the SuperLink is reached at (repeat for each: IP addresses and host names)")
+    certs.add_argument("--out", type=Path, required=True, help="directory for ca.pem, ca.key, server.pem, server.key")
+    certs.add_argument("--days", type=int, default=365, help="how long the certificates are valid (default 365)")
+    certs.set_defaults(handler=_certs)
     return parser
 
 

@@ -364,6 +364,11 @@ def load_config(path: Path | str | None = None, overrides: list[str] | None = No
             raise ConfigError(f"config file {path} does not exist; see configs/ for examples") from None
         except tomllib.TOMLDecodeError as exc:
             raise ConfigError(f"{path} is not valid TOML: {exc}") from None
+        if not raw:
+            raise ConfigError(
+                f"{path} sets nothing (it is empty or only comments), which would run the whole default experiment: "
+                'give the keys to run (see configs/), or, for the defaults on purpose, a file with name = "..." alone'
+            )
     if overrides:
         raw = apply_overrides(raw, overrides)
         source += " with --set " + " ".join(overrides)

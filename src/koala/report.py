@@ -113,7 +113,7 @@ def run_row(run: Run) -> list[str]:
         (run.summary or {}).get("mode", "heterogeneous" if len(small_models) > 1 else "homogeneous"),
         str(run.metrics[-1]["round"]) if run.metrics else "0",
         _pct(large[-1][1]) if large else MISSING,
-        _pct(max(a for _, a in large)) if large else MISSING,
+        _pct(max(a for r, a in large if r > 0)) if any(r > 0 for r, _ in large) else MISSING,  # the start is no round
         small,
         _client_parameters(run),
         _si(flops, "FLOP"),

@@ -7,7 +7,7 @@ loss on a batch of indices differs.
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import torch
 import torch.nn.functional as F
@@ -51,10 +51,13 @@ class TrainOutcome:
     loss: float
     samples: int
     momentum: dict[str, torch.Tensor] = field(default_factory=dict)
+    held_out_passes: int = 0
+    """Inference passes of the trained model over held-out examples (early stopping's checks)."""
 
 
-EpochEnd = Callable[[], bool]
-"""Called after each epoch; True stops training (early stopping)."""
+EpochEnd = Callable[[dict[str, torch.Tensor]], bool]
+"""Called after each epoch with SGD's momentum buffers as they stand (by parameter name, not to be
+modified); True stops training (early stopping)."""
 
 
 def sgd_train(
@@ -80,6 +83,11 @@ def sgd_train(
     schedule = _lr_schedule(optimizer, settings, num_examples)
     order = torch.Generator().manual_seed(seed)
     processed = 0
+
+    def current_momentum() -> dict[str, torch.Tensor]:
+        return {name: optimizer.state[p]["momentum_buffer"].detach()
+                for name, p in parameters.items() if optimizer.state[p].get("momentum_buffer") is not None}
+
     with seeded_torch(seed, "layers", device=device):
         for _ in range(settings.epochs):
             model.train()
@@ -95,13 +103,9 @@ def sgd_train(
                 total += loss.detach() * len(batch)
                 seen += len(batch)
             processed += seen
-            if after_epoch is not None and after_epoch():
+            if after_epoch is not None and after_epoch(current_momentum()):
                 break
-    final_momentum = {
-        name: optimizer.state[p]["momentum_buffer"].detach()
-        for name, p in parameters.items() if optimizer.state[p].get("momentum_buffer") is not None
-    }
-    return TrainOutcome(float(total / max(seen, 1)), processed, final_momentum)
+    return TrainOutcome(float(total / max(seen, 1)), processed, current_momentum())
 
 
 def _lr_schedule(optimizer: torch.optim.Optimizer, settings: OptimizerConfig, num_examples: int) -> LRScheduler | None:
@@ -126,25 +130,33 @@ def train_supervised(model: nn.Module, data: ImageSplit, settings: OptimizerConf
 class EarlyStopping:
     """After each epoch, the student's KD loss on a held-out slice; stops once it has not improved
     for `patience` epochs, and `restore_best` puts back the best weights seen (the starting ones
-    included, so an epoch that only hurts is undone)."""
+    included, so an epoch that only hurts is undone) and gives the SGD momentum they had, so that a
+    caller carrying momentum across calls goes on from the weights it keeps."""
 
-    def __init__(self, model: nn.Module, held_out_loss: Callable[[], float], patience: int) -> None:
+    def __init__(self, model: nn.Module, held_out_loss: Callable[[], float], patience: int,
+                 momentum: dict[str, torch.Tensor] | None = None) -> None:
         self.model, self.held_out_loss, self.patience = model, held_out_loss, patience
+        self.checks = 1
         self.best = held_out_loss()
         self.best_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
+        self.best_momentum = {k: v.detach().clone() for k, v in (momentum or {}).items()}
         self.epochs_without_gain = 0
 
-    def __call__(self) -> bool:
+    def __call__(self, momentum: dict[str, torch.Tensor]) -> bool:
         loss = self.held_out_loss()
+        self.checks += 1
         if loss < self.best:
             self.best, self.epochs_without_gain = loss, 0
             self.best_state = {k: v.detach().clone() for k, v in self.model.state_dict().items()}
+            self.best_momentum = {k: v.clone() for k, v in momentum.items()}
         else:
             self.epochs_without_gain += 1
         return self.epochs_without_gain >= self.patience
 
-    def restore_best(self) -> None:
+    def restore_best(self) -> dict[str, torch.Tensor]:
+        """Put the best weights back; returns the momentum buffers they were trained with."""
         self.model.load_state_dict(self.best_state)
+        return self.best_momentum
 
 
 TargetFunction = Callable[[torch.Tensor], torch.Tensor]
@@ -179,7 +191,8 @@ def train_distill(
     `settings` augment the batches. With `labels` (one per input, -1 where unknown) and
     `ce_weight` > 0, the examples with a known label add `ce_weight` times their cross-entropy. With
     `settings.holdout_fraction` > 0, a seeded slice of the inputs is held out and training stops
-    early on its KD loss (`EarlyStopping`). `momentum` is as in `sgd_train`.
+    early on its KD loss (`EarlyStopping`): the best weights are kept with their momentum, and the
+    outcome counts the held-out checks' inference passes. `momentum` is as in `sgd_train`.
     """
     online = settings.augments
     if online != callable(targets):
@@ -212,10 +225,10 @@ def train_distill(
         student,
         lambda: float(kd.loss(predict_logits(student, inputs[held]), held_targets)),
         settings.patience,
+        momentum,
     )
     outcome = sgd_train(student, len(kept), lambda idx: loss_on(kept[idx]), settings, seed, momentum, stopper)
-    stopper.restore_best()
-    return outcome
+    return replace(outcome, momentum=stopper.restore_best(), held_out_passes=stopper.checks * held_out)
 
 
 @torch.no_grad()

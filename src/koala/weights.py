@@ -43,20 +43,32 @@ def initial_state(architecture: str, spec: InputSpec, seed: int) -> StateDict:
         return module_state(build_model(architecture, spec))
 
 
+_NOT_A_STATE_DICT = (
+    "{path} is not a plain state dict (a mapping of names to tensors) that koala-fl can read safely: it holds "
+    "other Python objects, is damaged, or is not a torch file, and koala-fl never unpickles objects from a file. "
+    "Convert it where it was made: from safetensors.torch import save_file; "
+    "save_file({{k: v.contiguous() for k, v in model.state_dict().items()}}, 'weights.safetensors'), "
+    "then set large-init.path to the .safetensors file"
+)
+
+
 def load_weights(path: Path, architecture: str, reference: StateDict) -> StateDict:
     """Weights from a .safetensors file or a torch state dict (loaded with weights_only=True),
     checked against the architecture's own tensor names and shapes."""
     if not path.is_file():
         raise ModelError(f"weights file {path} does not exist (large-init.path)")
-    try:
-        if path.suffix == ".safetensors":
+    if path.suffix == ".safetensors":
+        try:
             state = load_file(str(path))
-        else:
+        except (SafetensorError, OSError, ValueError) as exc:
+            raise ModelError(f"cannot read weights file {path} as safetensors: {exc}") from None
+    else:
+        try:
             state = torch.load(path, map_location="cpu", weights_only=True)
-    except (SafetensorError, RuntimeError, OSError, EOFError, ValueError) as exc:
-        raise ModelError(f"cannot read weights file {path}: {exc}") from None
-    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
-        raise ModelError(f"{path} does not hold a state dict of tensors")
+        except Exception:  # torch's own message advises unpickling: never ours to give
+            raise ModelError(_NOT_A_STATE_DICT.format(path=path)) from None
+    if not isinstance(state, dict) or not all(isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in state.items()):
+        raise ModelError(_NOT_A_STATE_DICT.format(path=path))
     missing, extra = sorted(set(reference) - set(state)), sorted(set(state) - set(reference))
     if missing or extra:
         raise ModelError(

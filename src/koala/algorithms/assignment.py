@@ -13,6 +13,12 @@ def assign_architectures(models: ModelsConfig, num_clients: int, seed: int) -> l
     """One small architecture per client id. Shares are turned into client counts by largest
     remainder, and the counts dealt to clients in a seeded random order."""
     if models.assignment:
+        unused = [arch for arch in models.small if arch not in models.assignment]
+        if unused:
+            raise ConfigError(
+                f"models.assignment gives no client {unused}: every architecture in models.small needs clients "
+                "(its teacher and its forward distillation would serve nobody); assign it, or drop it from models.small"
+            )
         return list(models.assignment)
     shares = np.asarray(models.small_shares or [1.0 / len(models.small)] * len(models.small))
     exact = shares * num_clients

@@ -28,7 +28,7 @@ from koala.models import InputSpec, model_entry
 from koala.sampling import sample_clients
 from koala.seeding import derive_seed
 from koala.state import ClientTask, ClientUpdate, ServerState, StateDict
-from koala.training import train_supervised
+from koala.training import samples_per_epoch, train_supervised
 from koala.weights import (
     evaluate_state,
     initial_state,
@@ -52,6 +52,8 @@ class ServerData:
     centralised upper bound), never in a federated setting."""
     validation: ImageSplit | None = None
     """Held-out training images to choose settings on (`data.validation-size`); only evaluated."""
+    client_sizes: tuple[int, ...] = ()
+    """How many examples each client holds, by client id: what an honest update reports."""
 
 
 @dataclass
@@ -82,6 +84,9 @@ class Algorithm(ABC):
     name: str
     pools_client_data = False
     """True for a method that trains on the clients' pooled data (`ServerData.pooled_clients`)."""
+    trains_small_models = True
+    """Whether the clients train the small models of `models.small` (False: they train the large one,
+    or, centralised, nothing)."""
 
     def __init__(self, config: ExperimentConfig, spec: InputSpec, server_data: ServerData, device: torch.device) -> None:
         for arch in [config.models.large, *config.models.small]:
@@ -134,6 +139,7 @@ class Algorithm(ABC):
                 replied.add(update.client_id)
                 reference = self.client_weights(state, update.client_id)
                 validate_update(update, self.client_architecture(update.client_id), reference)
+                self._check_sample_counts(update)
             except UpdateRejected as exc:
                 metrics.rejected.append({"client": update.client_id, "reason": str(exc)})
                 continue
@@ -142,6 +148,24 @@ class Algorithm(ABC):
                 metrics.clipped.append({"client": update.client_id, "norm": norm})
             accepted.append(update)
         return accepted
+
+    def _check_sample_counts(self, update: ClientUpdate) -> None:
+        """Reject an update whose sample counts are not those of the client's own data: they weigh it
+        in its architecture's FedAvg and in the teachers' fusion, and count in the FLOP ledger."""
+        sizes = self.server_data.client_sizes
+        if not sizes:
+            return
+        holds = sizes[update.client_id]
+        if update.num_examples != holds:
+            raise UpdateRejected(f"client {update.client_id} reported {update.num_examples} examples but holds {holds}: "
+                                 "an update must report the size of its own data")
+        settings = self.config.client
+        trained = settings.epochs * samples_per_epoch(holds, settings.batch_size)
+        if update.metrics.get("trained-samples") != trained:
+            raise UpdateRejected(
+                f"client {update.client_id} reported trained-samples = {update.metrics.get('trained-samples')!r}, but "
+                f"{settings.epochs} epoch(s) over its {holds} examples train {trained}"
+            )
 
     @abstractmethod
     def server_round(self, state: ServerState, updates: Sequence[ClientUpdate], metrics: RoundMetrics) -> ServerState:

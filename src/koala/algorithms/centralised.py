@@ -18,6 +18,7 @@ class CentralisedLarge(Algorithm):
 
     name = "centralised"
     pools_client_data = True
+    trains_small_models = False
 
     def client_architecture(self, client_id: int) -> str:
         return self.config.models.large

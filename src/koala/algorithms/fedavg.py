@@ -14,6 +14,7 @@ class FedAvgLarge(Algorithm):
     """Every client trains the large model; the server averages it."""
 
     name = "fedavg-large"
+    trains_small_models = False
 
     def client_architecture(self, client_id: int) -> str:
         return self.config.models.large

@@ -169,6 +169,7 @@ class Koala(Algorithm):
             metrics.values["reverse-teacher-kept"] = kept_share()
         metrics.values["reverse-loss"] = outcome.loss
         metrics.add_work(self.config.models.large, "train", outcome.samples)
+        metrics.add_work(self.config.models.large, "inference", outcome.held_out_passes)
         return student, outcome.momentum
 
     def _anchored(
@@ -245,6 +246,7 @@ class Koala(Algorithm):
         )
         metrics.values[f"forward-loss:{arch}"] = outcome.loss
         metrics.add_work(arch, "train", outcome.samples)
+        metrics.add_work(arch, "inference", outcome.held_out_passes)
         return module_state(student), outcome.momentum
 
 class FedDF(Koala):

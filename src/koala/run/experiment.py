@@ -32,13 +32,14 @@ class Experiment:
 
     def describe(self) -> dict[str, object]:
         """The facts printed before round 1 and kept in the summary."""
-        models = self.config.models
+        models, small = self.config.models, self.algorithm.trains_small_models
         return {
             "algorithm": self.config.algorithm,
-            "mode": "heterogeneous" if models.heterogeneous else "homogeneous",
+            # the architectures the clients train, not those the config lists: FedAvg-large is homogeneous
+            "mode": "heterogeneous" if small and models.heterogeneous else "homogeneous",
             "dataset": self.config.data.dataset,
             "large": models.large,
-            "small": dict(sorted(Counter(self.algorithm.assignment).items())),
+            "small": dict(sorted(Counter(self.algorithm.assignment).items())) if small else {},
             "split": self.split.describe(),
             "device": str(self.device),
         }
@@ -52,7 +53,8 @@ def prepare_experiment(config: ExperimentConfig) -> Experiment:
     split = load_federated_split(config.data, config.seed).to(device)
     spec = split.input_spec
     pooled = split.client_pool.subset(torch.cat(split.client_indices)) if algorithm_class(config).pools_client_data else None
-    server_data = ServerData(split.proxy_images, split.labelled_server, split.test, pooled, split.validation)
+    server_data = ServerData(split.proxy_images, split.labelled_server, split.test, pooled, split.validation,
+                             tuple(split.client_sizes()))
     algorithm = make_algorithm(config, spec, server_data, device)
     costs = CostTable(spec, config.client.batch_size, momentum=config.client.momentum > 0)
     return Experiment(config, split, spec, algorithm, device, costs)

@@ -74,7 +74,10 @@ def complete_round(experiment: Experiment, state: ServerState, clients: list[int
     line["examples"] = examples
     line["train-loss"] = sum(u.metrics["train-loss"] * u.num_examples for u in accepted) / examples if examples else None
     line.update(metrics.values)
-    line["resources"] = round_resources(experiment.costs, replies.exchanges, metrics.work)
+    # a rejected update's claimed training is not trusted: its bytes count, its FLOPs do not
+    rejected = {entry["client"] for entry in metrics.rejected}
+    exchanges = [replace(e, trained_samples=0) if e.client_id in rejected else e for e in replies.exchanges]
+    line["resources"] = round_resources(experiment.costs, exchanges, metrics.work)
     for key, entries in (("rejected", metrics.rejected), ("clipped", metrics.clipped), ("failed", replies.failures)):
         if entries:
             line[key] = entries
@@ -115,13 +118,12 @@ def evaluation(experiment: Experiment, state: ServerState) -> dict[str, Any]:
 def summarise(
     history: list[dict[str, Any]], description: dict[str, Any], wall_time: float, resources: dict[str, Any]
 ) -> dict[str, Any]:
-    """Start, final and best test accuracy per model, the resource totals and reductions, with the
-    experiment's description."""
+    """Start (round 0), final and best test accuracy per model, the resource totals and reductions,
+    with the experiment's description. The best is over the federated rounds, never the start: a run
+    that only falls under its (pretrained) start reports its best round, not the start."""
     evaluated = [line for line in history if "eval" in line]
-    best = {
-        model: max(line["eval"][model]["accuracy"] for line in evaluated)
-        for model in evaluated[-1]["eval"]
-    }
+    rounds = [line for line in evaluated if line["round"] > 0] or evaluated
+    best = {model: max(line["eval"][model]["accuracy"] for line in rounds) for model in evaluated[-1]["eval"]}
     validation = {}
     if "eval-validation" in evaluated[-1]:
         validation = {"validation": {"start": evaluated[0]["eval-validation"], "final": evaluated[-1]["eval-validation"]}}

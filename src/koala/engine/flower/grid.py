@@ -83,12 +83,27 @@ def discover_partitions(grid: Grid, config: ExperimentConfig, echo: Echo) -> dic
     return nodes
 
 
+def read_partition(content: RecordDict) -> tuple[int, int]:
+    """(partition-id, num-partitions) from a node's answer to the discovery query; ValueError, naming
+    what is wrong, for anything else."""
+    record = content.config_records.get("partition")
+    if record is None:
+        raise ValueError("no 'partition' record")
+    try:
+        return int(record["partition-id"]), int(record["num-partitions"])
+    except (KeyError, TypeError, ValueError) as exc:
+        raise ValueError(f"partition-id and num-partitions must be integers ({type(exc).__name__}: {exc})") from None
+
+
 def _record_partition(node: int, reply: Message, nodes: dict[int, int], wanted: int, echo: Echo) -> None:
     if reply.has_error():
         echo(f"warning: SuperNode {node} did not describe its partition: {reply.error.reason}")
         return
-    record = reply.content.config_records["partition"]
-    partition, num_partitions = int(record["partition-id"]), int(record["num-partitions"])
+    try:
+        partition, num_partitions = read_partition(reply.content)
+    except ValueError as exc:  # a node's description: a bad one leaves the node out, never ends the run
+        echo(f"warning: SuperNode {node} sent a partition description that cannot be read ({exc}); it is left out")
+        return
     if num_partitions != wanted or not 0 <= partition < wanted:
         echo(f"warning: SuperNode {node} was started with partition-id={partition} num-partitions={num_partitions}, "
              f"but the experiment has {wanted} clients; it is left out (restart it with num-partitions={wanted})")
@@ -129,6 +144,8 @@ def grid_dispatch(grid: Grid, algorithm: Algorithm, nodes: dict[int, int]) -> Di
                     replies.received(task, read_reply(reply.content, cid))
                 except UpdateRejected as exc:
                     replies.fail(cid, str(exc), sent=task)
+                except Exception as exc:  # anything else a peer's reply makes fail is that client's failure
+                    replies.fail(cid, f"the reply could not be read ({type(exc).__name__}: {exc})", sent=task)
         return replies
 
     return dispatch

@@ -71,6 +71,10 @@ def read_reply(content: RecordDict, client_id: int) -> ClientUpdate:
         raise UpdateRejected(f"the reply for client {client_id} says it comes from client {metrics.get('client-id')!r}")
     num_examples = metrics.pop("num-examples", None)
     metrics.pop("client-id")
-    state = content.array_records[ARRAYS].to_torch_state_dict()
+    try:
+        state = content.array_records[ARRAYS].to_torch_state_dict()
+    except Exception as exc:  # a peer's bytes: whatever fails to decode them rejects the reply, never the run
+        raise UpdateRejected(f"client {client_id} sent arrays that cannot be decoded as tensors "
+                             f"({type(exc).__name__}: {exc})") from None
     architecture = str(content.config_records[TASK].get("architecture", ""))
     return ClientUpdate(client_id, architecture, state, num_examples, metrics)
