@@ -3,8 +3,11 @@ quickstart into a run of seconds on scikit-learn's digits (real data, installed 
 
 from __future__ import annotations
 
+import pickle
 from collections.abc import Iterable
 from pathlib import Path
+
+import numpy as np
 
 from koala.algorithms import RoundMetrics
 from koala.algorithms.client import client_seed, local_train
@@ -38,3 +41,46 @@ def round_one_updates(experiment: Experiment) -> list[ClientUpdate]:
                     experiment.spec, client_seed(experiment.config, 1, cid))
         for cid in range(experiment.split.num_clients)
     ]
+
+
+# -- CIFAR in its official python-pickle layout, written by the tests ------------------------
+
+
+def cifar_batch(rng, count, label_key, num_classes, protocol, path: Path) -> tuple[np.ndarray, list[int]]:
+    """Write a random batch; protocol "py2" mimics the official files, written by Python 2's cPickle."""
+    data = rng.integers(0, 256, size=(count, 3072), dtype=np.uint8)
+    labels = rng.integers(0, num_classes, size=count).tolist()
+    if protocol == "py2":
+        path.write_bytes(python2_batch(data, label_key, labels))
+    else:
+        batch = {b"batch_label": b"fixture", label_key: labels, b"data": data, b"filenames": [b"x.png"] * count}
+        with path.open("wb") as out:
+            pickle.dump(batch, out, protocol=protocol)
+    return data, labels
+
+
+def python2_batch(data: np.ndarray, label_key: bytes, labels: list[int]) -> bytes:
+    """Protocol-2 opcodes as Python 2 emits them: byte strings are `str` (T), numpy 1 module names."""
+
+    def string(raw: bytes) -> bytes:
+        return b"T" + len(raw).to_bytes(4, "little") + raw
+
+    dtype = b"cnumpy\ndtype\n" + string(b"u1") + b"K\x00K\x01\x87R(K\x03" + string(b"|")
+    dtype += b"NNNJ\xff\xff\xff\xffJ\xff\xff\xff\xffK\x00tb"
+    shape = b"J" + len(data).to_bytes(4, "little") + b"M\x00\x0c\x86"  # (N, 3072)
+    array = b"cnumpy.core.multiarray\n_reconstruct\ncnumpy\nndarray\nK\x00\x85" + string(b"b") + b"\x87R"
+    array += b"(K\x01" + shape + dtype + b"\x89" + string(data.tobytes()) + b"tb"
+    label_list = b"](" + b"".join(b"K" + bytes([label]) for label in labels) + b"e"
+    return b"\x80\x02}(" + string(b"data") + array + string(label_key) + label_list + b"u."
+
+
+def write_cifar10(root: Path, per_batch: int, test: int, seed: int = 0) -> Path:
+    """A CIFAR-10 directory in the official layout (five training batches of `per_batch` random
+    images, a test batch of `test`), as `koala data download cifar10` leaves it; returns `root`."""
+    rng = np.random.default_rng(seed)
+    batches = root / "cifar-10-batches-py"
+    batches.mkdir(parents=True)
+    for i in range(1, 6):
+        cifar_batch(rng, per_batch, b"labels", 10, 2, batches / f"data_batch_{i}")
+    cifar_batch(rng, test, b"labels", 10, "py2", batches / "test_batch")
+    return root

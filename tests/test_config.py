@@ -34,7 +34,7 @@ def test_shipped_configs_run_a_round_as_their_method(path: Path, tmp_path: Path)
     labelled = ["data.proxy-labelled=100"] if config.data.proxy_labelled else []
     overrides = [*DIGITS, "data.num-clients=4", "data.proxy-fraction=0.2", "data.proxy-size=0", "data.client-size=0",
                  "data.validation-size=0", "models.large='lenet'", f"models.small={small}", "rounds=1",
-                 "large-init.pretrain.epochs=1", *labelled]
+                 "large-init.pretrain.epochs=1", "device='cpu'", *labelled]
     result = run_local(load_config(path, overrides), tmp_path / "run", echo=lambda _: None)
     summary = result.summary
     assert summary["algorithm"] == config.algorithm and summary["rounds"] == 1
@@ -136,3 +136,27 @@ def test_config_is_frozen() -> None:
     config = ExperimentConfig()
     with pytest.raises(Exception):
         config.rounds = 5  # type: ignore[misc]
+
+
+@pytest.mark.parametrize("preset, small", [
+    ("cifar10-homogeneous", "['mobilenetv2']"), ("cifar10-homogeneous", "['shufflenetv2']"),
+    ("cifar10-homogeneous", "['mobilenetv3-small']"), ("cifar10-heterogeneous", None),
+])
+def test_the_papers_cifar10_presets_run_a_tiny_round(preset: str, small: str | None, tmp_path: Path) -> None:
+    from helpers import CONFIGS, write_cifar10
+
+    data = write_cifar10(tmp_path / "cifar10", per_batch=24, test=20)
+    overrides = [f"data.dir='{data}'", "device='cpu'", "rounds=1", "threads=1", "data.num-clients=3",
+                 "data.proxy-fraction=0.2", "data.proxy-labelled=8", "data.min-client-size=5", "data.partition='iid'",
+                 "large-init.pretrain.epochs=1", "client.batch-size=8", "distill.reverse.batch-size=8",
+                 "distill.forward.batch-size=8", "large-init.pretrain.batch-size=8"]
+    if small:
+        overrides.append(f"models.small={small}")
+    config = load_config(CONFIGS / f"{preset}.toml", overrides)
+    result = run_local(config, tmp_path / "run", echo=lambda _: None)
+    summary = result.summary
+    assert summary["large"] == "vgg19" and summary["dataset"] == "cifar10" and summary["split"]["test"] == 20
+    expected = {"mobilenetv2": 1, "shufflenetv2": 1, "mobilenetv3-small": 1} if small is None else {small[2:-2]: 3}
+    assert summary["small"] == expected and summary["mode"] == ("heterogeneous" if small is None else "homogeneous")
+    assert result.metrics[1]["accepted"] == 3 and "reverse-loss" in result.metrics[1]
+    assert {f"small:{arch}" for arch in expected} | {"large"} == set(result.metrics[1]["eval"])

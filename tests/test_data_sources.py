@@ -13,6 +13,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from helpers import cifar_batch
 
 from koala.data import SOURCE_NAMES, load_source
 from koala.data.cifar import load_cifar10, load_cifar100
@@ -148,34 +149,6 @@ def test_read_idx_layout(tmp_path) -> None:
 # --- CIFAR ------------------------------------------------------------------------------------------
 
 
-def _cifar_batch(rng, count, label_key, num_classes, protocol, path: Path) -> tuple[np.ndarray, list[int]]:
-    """Write a random batch; protocol "py2" mimics the official files, written by Python 2's cPickle."""
-    data = rng.integers(0, 256, size=(count, 3072), dtype=np.uint8)
-    labels = rng.integers(0, num_classes, size=count).tolist()
-    if protocol == "py2":
-        path.write_bytes(_python2_batch(data, label_key, labels))
-    else:
-        batch = {b"batch_label": b"fixture", label_key: labels, b"data": data, b"filenames": [b"x.png"] * count}
-        with path.open("wb") as out:
-            pickle.dump(batch, out, protocol=protocol)
-    return data, labels
-
-
-def _python2_batch(data: np.ndarray, label_key: bytes, labels: list[int]) -> bytes:
-    """Protocol-2 opcodes as Python 2 emits them: byte strings are `str` (T), numpy 1 module names."""
-
-    def string(raw: bytes) -> bytes:
-        return b"T" + len(raw).to_bytes(4, "little") + raw
-
-    dtype = b"cnumpy\ndtype\n" + string(b"u1") + b"K\x00K\x01\x87R(K\x03" + string(b"|")
-    dtype += b"NNNJ\xff\xff\xff\xffJ\xff\xff\xff\xffK\x00tb"
-    shape = b"J" + len(data).to_bytes(4, "little") + b"M\x00\x0c\x86"  # (N, 3072)
-    array = b"cnumpy.core.multiarray\n_reconstruct\ncnumpy\nndarray\nK\x00\x85" + string(b"b") + b"\x87R"
-    array += b"(K\x01" + shape + dtype + b"\x89" + string(data.tobytes()) + b"tb"
-    label_list = b"](" + b"".join(b"K" + bytes([label]) for label in labels) + b"e"
-    return b"\x80\x02}(" + string(b"data") + array + string(label_key) + label_list + b"u."
-
-
 def _expected_images(data: np.ndarray, mean, std) -> torch.Tensor:
     images = torch.from_numpy(data.reshape(-1, 3, 32, 32)).float() / 255.0
     return (images - torch.tensor(mean).view(1, 3, 1, 1)) / torch.tensor(std).view(1, 3, 1, 1)
@@ -186,8 +159,8 @@ def cifar10_dir(tmp_path):
     rng = np.random.default_rng(0)
     batches = tmp_path / "cifar-10-batches-py"
     batches.mkdir()
-    parts = [_cifar_batch(rng, 3, b"labels", 10, 2, batches / f"data_batch_{i}") for i in range(1, 6)]
-    test = _cifar_batch(rng, 2, b"labels", 10, "py2", batches / "test_batch")
+    parts = [cifar_batch(rng, 3, b"labels", 10, 2, batches / f"data_batch_{i}") for i in range(1, 6)]
+    test = cifar_batch(rng, 2, b"labels", 10, "py2", batches / "test_batch")
     return tmp_path, parts, test
 
 
@@ -210,8 +183,8 @@ def test_cifar100_fixture_loads_fine_labels(tmp_path, monkeypatch, protocol) -> 
     rng = np.random.default_rng(1)
     folder = tmp_path / "cifar-100-python"
     folder.mkdir()
-    train_data, train_labels = _cifar_batch(rng, 4, b"fine_labels", 100, protocol, folder / "train")
-    _, test_labels = _cifar_batch(rng, 3, b"fine_labels", 100, protocol, folder / "test")
+    train_data, train_labels = cifar_batch(rng, 4, b"fine_labels", 100, protocol, folder / "train")
+    _, test_labels = cifar_batch(rng, 3, b"fine_labels", 100, protocol, folder / "test")
     monkeypatch.setenv("KOALA_CIFAR100_DIR", str(tmp_path))
     source = load_source("cifar100")
     assert source.num_classes == 100 and source.channels == 3 and source.image_size == 32

@@ -47,6 +47,8 @@ IMAGENET_PARAMETERS = {
     "mobilenetv2-imagenet": 3_504_872,
     "mobilenetv3-small-imagenet": 2_542_856,
     "shufflenetv2-imagenet": 2_278_604,
+    "shufflenetv2-1.5-imagenet": 3_503_624,
+    "shufflenetv2-2.0-imagenet": 7_393_996,
 }
 
 
@@ -119,7 +121,8 @@ def test_roles():
     assert set(model_names("small")) == {
         "lenet", "lenet-narrow", "lenet-wide", "mobilenetv2", "mobilenetv3-small", "shufflenetv2", "shufflenetv2-0.5",
         "shufflenetv2-0.5-ds",
-        "mobilenetv2-imagenet", "mobilenetv3-small-imagenet", "shufflenetv2-imagenet",
+        "mobilenetv2-imagenet", "mobilenetv3-small-imagenet", "shufflenetv2-imagenet", "shufflenetv2-1.5-imagenet",
+        "shufflenetv2-2.0-imagenet",
     }
     assert set(model_names("large")) == set(model_names()) - set(model_names("small"))
     assert all(model_entry(name).description for name in model_names())

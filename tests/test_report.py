@@ -90,12 +90,15 @@ def test_report_on_a_directory_that_is_not_a_run(tmp_path: Path, capsys: pytest.
 
 
 def test_resources_prints_the_paper_check(capsys: pytest.CaptureFixture[str]) -> None:
-    args = ["resources", "--large", "vgg19-imagenet", "--small", "mobilenetv2-imagenet", "--input", "3,224,224", "--classes", "1000"]
+    args = ["resources", "--large", "vgg19-imagenet", "--small", "mobilenetv2-imagenet,shufflenetv2-1.5-imagenet",
+            "--input", "3,224,224", "--classes", "1000"]
     assert main(args) == 0
     rows = _rows(capsys.readouterr().out)
     assert rows["vgg19-imagenet"][1] == "143,667,240" and rows["mobilenetv2-imagenet"][1] == "3,504,872"
-    storage, flops = float(rows["mobilenetv2-imagenet"][6]), float(rows["mobilenetv2-imagenet"][7])
-    assert 97.2 <= storage <= 97.6 and 98.4 <= flops <= 98.6  # the paper's ranges
+    assert rows["shufflenetv2-1.5-imagenet"][1] == "3,503,624"
+    for small in ("mobilenetv2-imagenet", "shufflenetv2-1.5-imagenet"):  # the paper's two ~3.5 M-parameter clients
+        storage, flops = float(rows[small][6]), float(rows[small][7])
+        assert 97.2 <= storage <= 97.6 and 98.4 <= flops <= 98.6  # the paper's ranges
 
 
 @pytest.mark.parametrize(

@@ -19,6 +19,8 @@ from koala.models.registry import InputSpec, register_model
 STAGE_REPEATS = (4, 8, 4)
 CHANNELS_X1_0 = (24, 116, 232, 464, 1024)
 CHANNELS_X0_5 = (24, 48, 96, 192, 1024)
+CHANNELS_X1_5 = (24, 176, 352, 704, 1024)
+CHANNELS_X2_0 = (24, 244, 488, 976, 2048)
 
 Stem = Literal["small", "downsampling", "imagenet"]
 
@@ -121,3 +123,17 @@ def shufflenetv2_x0_5_ds(spec: InputSpec) -> nn.Module:
 def shufflenetv2_imagenet(spec: InputSpec) -> nn.Module:
     """ShuffleNetV2 x1.0 with the ImageNet stem at any image size."""
     return ShuffleNetV2(spec.channels, spec.num_classes, CHANNELS_X1_0, stem="imagenet")
+
+
+@register_model("shufflenetv2-1.5-imagenet", "small", "ShuffleNetV2 x1.5, torchvision's ImageNet layout (stride-2 stem + max-pool)",
+                memory_format="channels_last")
+def shufflenetv2_x1_5_imagenet(spec: InputSpec) -> nn.Module:
+    """ShuffleNetV2 x1.5 with the ImageNet stem (3,503,624 parameters at 3x224x224, 1,000 classes)."""
+    return ShuffleNetV2(spec.channels, spec.num_classes, CHANNELS_X1_5, stem="imagenet")
+
+
+@register_model("shufflenetv2-2.0-imagenet", "small", "ShuffleNetV2 x2.0, torchvision's ImageNet layout (stride-2 stem + max-pool)",
+                memory_format="channels_last")
+def shufflenetv2_x2_0_imagenet(spec: InputSpec) -> nn.Module:
+    """ShuffleNetV2 x2.0 with the ImageNet stem (7,393,996 parameters at 3x224x224, 1,000 classes)."""
+    return ShuffleNetV2(spec.channels, spec.num_classes, CHANNELS_X2_0, stem="imagenet")
