@@ -81,6 +81,9 @@ ROWS: dict[str, Row] = {
     "koala": _koala(group="reference", rounds=40),
     **{f"fedavg-large lr={lr}": Row("fedavg-large", [f"client.lr={lr}"], group="fedavg-large-lr")
        for lr in ("0.003", "0.01", "0.03")},
+    # without client momentum: the momentum-0.9 runs are unstable on these non-IID clients
+    **{f"fedavg-large lr={lr} momentum=0": Row("fedavg-large", [f"client.lr={lr}", "client.momentum=0.0"],
+                                               group="fedavg-large-lr") for lr in ("0.03", "0.1")},
     **{f"fedavg-small {arch}": Row("fedavg-small", [f"models.small=['{arch}']"], 40 if arch == "lenet" else ROUNDS,
                                    "fedavg-small") for arch in LADDER},
     **{f"fedavg-small {arch} epochs={e}": Row("fedavg-small", [f"models.small=['{arch}']", f"client.epochs={e}"],
