@@ -175,3 +175,22 @@ def test_pretraining_is_counted_as_server_work(tmp_path: Path) -> None:
     result = run_local(load_config(None, overrides), tmp_path / "run", echo=lambda _: None)
     large = json.loads((tmp_path / "run" / "resources.json").read_text())["architectures"]["mobilenetv3-small"]
     assert result.metrics[0]["resources"]["server-flops"] == 2 * 100 * large["train-flops-per-sample"]
+
+
+def test_the_measured_footprint_grows_with_the_batch_and_bounds_the_estimate_from_above(capsys) -> None:
+    # a fresh process per measurement; training adds the framework's fixed cost (kernels, thread
+    # pools, allocator arenas: about 100 MB here) plus what the batch needs, of which the accounting's
+    # estimate is a lower bound
+    from koala.accounting.footprint import measure_footprint
+
+    small, large = (measure_footprint("lenet", MNIST, batch, threads=1, samples=1024) for batch in (16, 512))
+    assert large.training_peak_mb > small.training_peak_mb + 0.5 * (large.estimate_mb - small.estimate_mb)
+    for footprint in (small, large):
+        assert footprint.idle_peak_mb > 50 and footprint.seconds_per_sample > 0
+        assert footprint.estimate_mb <= footprint.increase_mb <= 200 + 2 * footprint.estimate_mb
+    from koala.cli import main
+
+    assert main(["footprint", "--model", "lenet", "--batch-size", "8", "--samples", "64"]) == 0
+    table = capsys.readouterr().out
+    assert "| lenet | 8 |" in table and "lower bound" in table
+    assert main(["footprint", "--model", "lenet", "--batch-size", "128", "--samples", "64"]) == 2

@@ -217,6 +217,9 @@ def test_deployment_runs_koala_over_a_superlink_and_three_supernodes(federation:
     assert {"forward-loss:lenet", "forward-loss:shufflenetv2-0.5"} <= set(metrics[-1])
     architectures = {c["client"]: c["architecture"] for c in metrics[1]["resources"]["per-client"]}
     assert architectures == {0: "lenet", 1: "shufflenetv2-0.5", 2: "lenet"}
+    for line in metrics[1:]:  # each ClientApp reports its own process's peak memory and training time
+        for client in line["resources"]["per-client"]:
+            assert client["measured"]["peak-rss-mb"] > 100 and client["measured"]["train-seconds"] > 0
     if federation.certs:  # with authentication on, a SuperNode whose key was never registered is refused:
         _write_node_key(tmp_path / "rogue")  # it exits, saying so (what the README's step 4 quotes)
         federation._start("rogue", federation.supernode_command("rogue", 0, 3))

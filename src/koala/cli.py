@@ -100,6 +100,42 @@ def _report(args: argparse.Namespace) -> None:
     print(f"wrote {target} and its plots in {args.out}/")
 
 
+def _footprint(args: argparse.Namespace) -> None:
+    from koala.accounting.footprint import measure_footprint
+
+    spec = _input_spec(args.input, args.classes)
+    print(f"one client's training in a fresh process: {args.samples} random {args.input} images, one epoch, "
+          f"{args.threads} thread(s)")
+    print("| model | batch | peak RSS (MB) | idle with the data (MB) | training adds (MB) | estimate (MB) "
+          "| adds / estimate | ms per sample |")
+    print("|---|---:|---:|---:|---:|---:|---:|---:|")
+    for model in args.model:
+        for batch_size in args.batch_size:
+            f = measure_footprint(model, spec, batch_size, args.threads, args.samples)
+            print(f"| {f.model} | {f.batch_size} | {f.training_peak_mb:.1f} | {f.idle_peak_mb:.1f} | {f.increase_mb:.1f} "
+                  f"| {f.estimate_mb:.1f} | {f.increase_mb / f.estimate_mb:.2f} | {1000 * f.seconds_per_sample:.3f} |",
+                  flush=True)
+    print("estimate: the accounting's memory of one training step (weights, gradients, momentum, saved "
+          "activations): a lower bound that leaves out the allocator and short-lived temporaries")
+
+
+def _export(args: argparse.Namespace) -> None:
+    from koala.run.export import export_onnx, export_safetensors, load_run_model
+
+    if args.out.exists():
+        raise ConfigError(f"{args.out} already exists: choose another --out (an export never overwrites a file)")
+    model = load_run_model(args.run_dir, args.model)
+    if args.format == "safetensors":
+        export_safetensors(model, args.out)
+        print(f"wrote {args.out}: the weights of {model.name} ({model.architecture}) after round {model.round}")
+        return
+    check = export_onnx(model, args.out)
+    recorded = "" if check.recorded_accuracy is None else f", the run recorded {100 * check.recorded_accuracy:.2f}%"
+    print(f"wrote {args.out}: {model.name} ({model.architecture}) after round {model.round}, verified with onnxruntime "
+          f"on {check.images} test images: logits within {check.max_difference:.2g} of PyTorch's, accuracy "
+          f"{100 * check.exported_accuracy:.2f}% (PyTorch {100 * check.pytorch_accuracy:.2f}%{recorded})")
+
+
 def _certs(args: argparse.Namespace) -> None:
     try:
         from koala.engine.flower.certificates import write_certificates
@@ -151,6 +187,26 @@ def build_parser() -> argparse.ArgumentParser:
     report.add_argument("runs", type=Path, nargs="+", metavar="RUN_DIR")
     report.add_argument("--out", type=Path, default=Path("report"), help="where report.md and the plots go")
     report.set_defaults(handler=_report)
+
+    footprint = commands.add_parser(
+        "footprint", help="measure one client's training in a fresh process: peak memory and time per sample"
+    )
+    footprint.add_argument("--model", nargs="+", required=True, help="one or more models, e.g. lenet resnet18-ds")
+    footprint.add_argument("--input", default="1,28,28", metavar="C,H,W", help="input shape (default 1,28,28)")
+    footprint.add_argument("--classes", type=int, default=10)
+    footprint.add_argument("--batch-size", type=int, nargs="+", default=[64], help="one or more client batch sizes")
+    footprint.add_argument("--threads", type=int, default=1, help="torch threads of the client process (default 1)")
+    footprint.add_argument("--samples", type=int, default=2000, help="the client's examples (default 2000)")
+    footprint.set_defaults(handler=_footprint)
+
+    export = commands.add_parser("export", help="write a run's large or small model for devices (ONNX or safetensors)")
+    export.add_argument("run_dir", type=Path, metavar="RUN_DIR")
+    export.add_argument("--model", default="large", metavar="large|small:ARCH",
+                        help="which model: the large one (default) or a small one, e.g. small:lenet")
+    export.add_argument("--format", choices=["onnx", "safetensors"], default="onnx",
+                        help="onnx: the network for an inference runtime, verified with onnxruntime; safetensors: bare weights")
+    export.add_argument("--out", type=Path, required=True, help="the file to write (never overwritten)")
+    export.set_defaults(handler=_export)
 
     certs = commands.add_parser("certs", help="write a CA and a SuperLink TLS certificate for a Flower deployment")
     certs.add_argument("--address", action="append", required=True, metavar="HOST_OR_IP",

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from collections import Counter
 from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from koala.accounting.measure import TRAIN_MEMORY_METHOD, CostTable
@@ -21,6 +21,9 @@ class ClientExchange:
     bytes_down: int
     bytes_up: int
     trained_samples: int
+    measured: dict[str, float] = field(default_factory=dict)
+    """What the client measured of itself and reported (a Flower ClientApp: its process's peak
+    resident memory, its training time); recorded as it came, never used for accounting."""
 
 
 def round_resources(costs: CostTable, exchanges: Sequence[ClientExchange], server_work: Mapping[tuple[str, str], int]) -> dict[str, Any]:
@@ -33,6 +36,7 @@ def round_resources(costs: CostTable, exchanges: Sequence[ClientExchange], serve
             "bytes-up": e.bytes_up,
             "trained-samples": e.trained_samples,
             "flops": costs.flops(e.architecture, "train", e.trained_samples),
+            **({"measured": dict(e.measured)} if e.measured else {}),
         }
         for e in exchanges
     ]

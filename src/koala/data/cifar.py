@@ -135,7 +135,8 @@ def _load(layout: _Layout, directory: Path | None) -> DataSource:
         torch.cat([split.images for split in train_parts]), torch.cat([split.labels for split in train_parts])
     )
     test = _read_batch(batches / layout.test_file, layout)
-    return DataSource(name=layout.name, train=train, test=test, num_classes=layout.num_classes)
+    return DataSource(name=layout.name, train=train, test=test, num_classes=layout.num_classes, mean=layout.mean,
+                      std=layout.std)
 
 
 def _read_batch(path: Path, layout: _Layout) -> ImageSplit:

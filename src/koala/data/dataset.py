@@ -38,6 +38,11 @@ class DataSource:
     train: ImageSplit
     test: ImageSplit
     num_classes: int
+    mean: tuple[float, ...] = ()
+    std: tuple[float, ...] = ()
+    """The per-channel standardisation the images went through after scaling pixels to [0, 1]
+    (empty: the images are not pixels, as the synthetic source's): what a device must do to its
+    camera's pixels before the model sees them."""
 
     @property
     def channels(self) -> int:

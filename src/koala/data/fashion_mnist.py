@@ -35,7 +35,7 @@ def load_fashion_mnist(directory: Path | None = None) -> DataSource:
     if not root.is_dir():
         raise DataError(f"Fashion-MNIST directory {root} does not exist. {_install_hint()}")
     train, test = (_load_split(root, images, labels) for images, labels in _SPLITS.values())
-    return DataSource(name="fashion-mnist", train=train, test=test, num_classes=NUM_CLASSES)
+    return DataSource(name="fashion-mnist", train=train, test=test, num_classes=NUM_CLASSES, mean=MEAN, std=STD)
 
 
 def _load_split(root: Path, images_name: str, labels_name: str) -> ImageSplit:

@@ -36,6 +36,8 @@ def load_digits_source(test_fraction: float = 0.2, seed: int = 0) -> DataSource:
         train=split.subset(torch.from_numpy(np.sort(train_idx))),
         test=split.subset(torch.from_numpy(np.sort(test_idx))),
         num_classes=10,
+        mean=DIGITS_MEAN,
+        std=DIGITS_STD,
     )
 
 

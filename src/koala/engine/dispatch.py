@@ -15,6 +15,10 @@ from koala.aggregate import validate_metrics
 from koala.errors import UpdateRejected
 from koala.state import ClientTask, ClientUpdate, ServerState
 
+CLIENT_MEASUREMENTS = ("peak-rss-mb", "train-seconds")
+"""What a client may report of its own footprint beside its update (a Flower ClientApp does): kept
+per client in the round's metrics line, under `measured`."""
+
 
 @dataclass
 class Replies:
@@ -33,9 +37,10 @@ class Replies:
             self.fail(task.client_id, str(exc), sent=task)
             return
         self.updates.append(update)
+        measured = {k: v for k, v in update.metrics.items() if k in CLIENT_MEASUREMENTS}
         self.exchanges.append(ClientExchange(
             task.client_id, task.architecture, payload_bytes(task.state), payload_bytes(update.state),
-            int(update.metrics["trained-samples"]),
+            int(update.metrics["trained-samples"]), measured,
         ))
 
     def fail(self, client_id: int, reason: str, sent: ClientTask | None = None) -> None:

@@ -150,10 +150,11 @@ def read_metrics(run_dir: Path) -> list[dict[str, Any]]:
 
 
 def without_times(value: Any) -> Any:
-    """Metrics with every wall-clock field (`time-*`) removed, at any depth: what two runs of the
+    """Metrics with every wall-clock field (`time-*`) and every client's own measurement of itself
+    (`measured`: its peak memory and training time) removed, at any depth: what two runs of the
     same config must agree on."""
     if isinstance(value, dict):
-        return {k: without_times(v) for k, v in value.items() if not k.startswith("time-")}
+        return {k: without_times(v) for k, v in value.items() if not k.startswith("time-") and k != "measured"}
     if isinstance(value, list):
         return [without_times(v) for v in value]
     return value

@@ -8,12 +8,15 @@ on exactly the shard the local engine would give client K.
 
 from __future__ import annotations
 
+import time
+from dataclasses import replace
 from functools import lru_cache
 
 import torch
 from flwr.app import ConfigRecord, Context, Message, RecordDict
 from flwr.clientapp import ClientApp
 
+from koala.accounting.footprint import peak_resident_mb
 from koala.algorithms.client import client_seed, local_train
 from koala.config import ExperimentConfig, config_from_toml
 from koala.data.dataset import ImageSplit
@@ -72,5 +75,8 @@ def train(message: Message, context: Context) -> Message:
     if config.threads:
         torch.set_num_threads(config.threads)
     data, spec = _client_data(request.experiment_toml, partition, str(context.node_config.get("data-dir", "")))
+    start = time.perf_counter()
     update = local_train(request.task, data, config, spec, client_seed(config, request.round, request.task.client_id))
-    return Message(reply_content(update), reply_to=message)
+    # the node's own footprint, for the server's records (koala.engine.dispatch.CLIENT_MEASUREMENTS)
+    measured = {"peak-rss-mb": peak_resident_mb(), "train-seconds": time.perf_counter() - start}
+    return Message(reply_content(replace(update, metrics={**update.metrics, **measured})), reply_to=message)

@@ -1,0 +1,108 @@
+"""What one client's training really takes (`koala footprint`): a fresh Python process holds a
+client's data, trains the model on it for an epoch at the given batch size and thread count, and
+reports its measured peak resident memory, the increase over the same process idle with the data,
+and the training time per sample, beside the accounting's estimate of one training step's memory
+(`koala.accounting.measure`, a lower bound: it leaves out the allocator and temporaries).
+
+The measurement runs in a child process (`python -m koala.accounting.footprint`) so that nothing the
+caller allocated counts: peak resident memory is a property of a whole process.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import subprocess
+import sys
+import time
+from dataclasses import asdict, dataclass
+
+import torch
+
+from koala.accounting.measure import measure_model
+from koala.config import OptimizerConfig
+from koala.data.dataset import ImageSplit
+from koala.errors import ConfigError
+from koala.models import InputSpec, model_entry
+from koala.training import train_supervised
+from koala.weights import initial_state, instantiate
+
+MB = 1e6
+"""Megabytes as the accounting counts them (10^6 bytes)."""
+
+
+@dataclass(frozen=True)
+class Footprint:
+    """One client's measured training footprint, and the accounting's estimate beside it."""
+
+    model: str
+    batch_size: int
+    threads: int
+    samples: int
+    idle_peak_mb: float
+    """Peak resident memory of the process holding the data and the model, before training."""
+    training_peak_mb: float
+    """Peak resident memory of the process after an epoch of training."""
+    seconds_per_sample: float
+    """Wall time of the epoch per example, after one warm-up step (the first step builds kernels)."""
+    estimate_mb: float
+    """The accounting's training-step memory (weights, gradients, momentum, saved activations)."""
+
+    @property
+    def increase_mb(self) -> float:
+        """What training adds to the idle process: the figure to compare with the estimate."""
+        return self.training_peak_mb - self.idle_peak_mb
+
+
+def peak_resident_mb() -> float:
+    """This process's peak resident memory so far, in MB (Linux reports ru_maxrss in KiB)."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / MB
+
+
+def measure_here(model: str, spec: InputSpec, batch_size: int, threads: int, samples: int) -> Footprint:
+    """Train `model` for one epoch on `samples` random images in this process and measure it (call it
+    in a fresh process: `measure_footprint` does)."""
+    torch.set_num_threads(threads)
+    generator = torch.Generator().manual_seed(0)
+    data = ImageSplit(torch.randn(samples, spec.channels, spec.image_size, spec.image_size, generator=generator),
+                      torch.randint(0, spec.num_classes, (samples,), generator=generator))
+    network = instantiate(model, spec, initial_state(model, spec, 0), "cpu")
+    idle = peak_resident_mb()
+    settings = OptimizerConfig(epochs=1, batch_size=batch_size, lr=0.01, momentum=0.9)
+    train_supervised(network, data.subset(torch.arange(batch_size)), settings, seed=1)  # warm-up: kernels, thread pools
+    start = time.perf_counter()
+    train_supervised(network, data, settings, seed=0)
+    seconds = time.perf_counter() - start
+    estimate = measure_model(model, spec, batch_size, momentum=True).train_memory_bytes / MB
+    return Footprint(model, batch_size, threads, samples, idle, peak_resident_mb(), seconds / samples, estimate)
+
+
+def measure_footprint(model: str, spec: InputSpec, batch_size: int, threads: int, samples: int) -> Footprint:
+    """`measure_here` in a fresh Python process, so that the peak is the client's alone."""
+    model_entry(model)  # an unknown name fails here, with the known ones listed
+    if batch_size < 2 or samples < batch_size:
+        raise ConfigError(f"--batch-size must be at least 2 and at most --samples (got {batch_size} and {samples})")
+    command = [sys.executable, "-m", "koala.accounting.footprint", model,
+               f"{spec.channels},{spec.image_size},{spec.num_classes}", str(batch_size), str(threads), str(samples)]
+    done = subprocess.run(command, capture_output=True, text=True, timeout=3600)
+    if done.returncode != 0:
+        raise ConfigError(f"the footprint process failed: {done.stderr.strip().splitlines()[-1] if done.stderr else done.returncode}")
+    return Footprint(**json.loads(done.stdout.strip().splitlines()[-1]))
+
+
+def _worker() -> None:
+    parser = argparse.ArgumentParser(description="the child process of koala footprint (not for direct use)")
+    parser.add_argument("model")
+    parser.add_argument("spec")
+    parser.add_argument("batch_size", type=int)
+    parser.add_argument("threads", type=int)
+    parser.add_argument("samples", type=int)
+    args = parser.parse_args()
+    channels, size, classes = (int(x) for x in args.spec.split(","))
+    footprint = measure_here(args.model, InputSpec(channels, size, classes), args.batch_size, args.threads, args.samples)
+    print(json.dumps(asdict(footprint)))
+
+
+if __name__ == "__main__":
+    _worker()
