@@ -430,12 +430,14 @@ def test_a_node_without_a_matching_partition_gets_a_clear_error() -> None:
     (RecordDict({"partition": ConfigRecord({"num-partitions": 3})}), "must be integers (KeyError"),
 ], ids=["missing", "not-a-number", "no-id"])
 def test_a_partition_description_that_cannot_be_read_names_what_is_wrong(description: RecordDict, reason: str) -> None:
-    from koala.engine.flower.grid import read_partition
+    from koala.engine.flower.grid import Partition, read_partition
 
     with pytest.raises(ValueError) as raised:
         read_partition(description)
     assert reason in str(raised.value)
-    assert read_partition(RecordDict({"partition": ConfigRecord({"partition-id": 2, "num-partitions": 3})})) == (2, 3)
+    assert read_partition(RecordDict({"partition": ConfigRecord({"partition-id": 2, "num-partitions": 3})})) == Partition(2, 3)
+    named = RecordDict({"partition": ConfigRecord({"partition-id": 2, "num-partitions": 3, "device-class": "phone"})})
+    assert read_partition(named) == Partition(2, 3, "phone")
 
 
 def test_arrays_that_cannot_be_decoded_are_a_rejected_reply() -> None:
@@ -466,3 +468,23 @@ def test_koala_certs_writes_a_ca_and_a_server_certificate_for_every_address(tmp_
     assert main(["certs", "--address", "10.0.0.7", "--out", str(tmp_path)]) == 2  # never overwrites
     assert "already exist: choose another --out" in capsys.readouterr().err
     assert {p.name: p.read_bytes() for p in tmp_path.iterdir()} == before
+
+
+def test_device_classes_named_by_supernodes_replace_the_seeded_ones() -> None:
+    from koala.engine.flower.server_app import plan_for_announced_devices
+    from koala.run.experiment import prepare_experiment
+
+    devices = 'devices=[{name="sensor", count=3, memory-mb=0.3}, {name="hub", count=1, memory-mb=64}]'
+    config = load_config(None, ["data.dataset='digits'", "data.num-clients=4", "models.large='lenet'", "data.min-client-size=20",
+                                "client.batch-size=32", "models.small=['lenet-narrow','lenet-wide']", devices])
+    algorithm = prepare_experiment(config).algorithm
+    seeded = list(algorithm.assignment)
+    assert sorted(seeded) == ["lenet-narrow"] * 3 + ["lenet-wide"]
+    narrow = [client for client, arch in enumerate(seeded) if arch == "lenet-narrow"]
+    printed: list[str] = []
+    plan_for_announced_devices(algorithm, {narrow[0]: "hub"}, printed.append)  # that node says it is a hub
+    assert algorithm.assignment[narrow[0]] == "lenet-wide" and algorithm.assignment.count("lenet-wide") == 2
+    assert {p.device_class: len(p.clients) for p in algorithm.device_plan} == {"sensor": 2, "hub": 2}
+    assert "replace the seeded ones" in printed[0]
+    with pytest.raises(ConfigError, match=r"SuperNodes name device classes \['phone'\] that the experiment does not list"):
+        plan_for_announced_devices(algorithm, {0: "phone"}, printed.append)

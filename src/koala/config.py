@@ -69,6 +69,10 @@ class ModelsConfig(_Section):
     assignment: list[str] = Field(
         default_factory=list, description="explicit small architecture per client id (overrides shares)"
     )
+    capability: list[str] = Field(
+        default_factory=list,
+        description="with [[devices]]: models.small from the least to the most capable (empty = by parameter count)",
+    )
 
     @model_validator(mode="after")
     def _check_assignment(self) -> ModelsConfig:
@@ -85,6 +89,10 @@ class ModelsConfig(_Section):
                     f"models.small-shares must be positive and sum to 1, got {self.small_shares} "
                     f"(sum {sum(self.small_shares):.6g})"
                 )
+        if self.capability and sorted(self.capability) != sorted(self.small):
+            raise ValueError(
+                f"models.capability {self.capability} must list exactly the architectures of models.small {self.small}"
+            )
         unknown = sorted(set(self.assignment) - set(self.small))
         if unknown:
             raise ValueError(
@@ -225,6 +233,17 @@ class DistillConfig(_Section):
     )
 
 
+class DeviceClassConfig(_Section):
+    """A class of client devices and its budgets; each class gets the most capable small model that fits."""
+
+    name: str = Field(min_length=1)
+    share: float = Field(0.0, ge=0, le=1, description="share of the clients in this class (or give count)")
+    count: int = Field(0, ge=0, description="number of clients in this class (or give share)")
+    memory_mb: float = Field(gt=0, description="training-memory budget of one client, MB (10^6 bytes)")
+    flops_per_round: float = Field(0.0, ge=0, description="training FLOPs a client may spend a round (0 = no budget)")
+    upload_mb: float = Field(0.0, ge=0, description="MB a client may upload a round, its model's state (0 = no budget)")
+
+
 class FlowerConfig(_Section):
     """Waits of the Flower engines (the local engine ignores them). Every wait has a limit."""
 
@@ -248,6 +267,10 @@ class ExperimentConfig(_Section):
     client: ClientConfig = Field(default_factory=ClientConfig)
     distill: DistillConfig = Field(default_factory=DistillConfig)
     flower: FlowerConfig = Field(default_factory=FlowerConfig)
+    devices: list[DeviceClassConfig] = Field(
+        default_factory=list,
+        description="client device classes ([[devices]]): each gets the most capable of models.small within its budgets",
+    )
 
     @model_validator(mode="after")
     def _check_cross_fields(self) -> ExperimentConfig:
@@ -276,6 +299,8 @@ class ExperimentConfig(_Section):
                 "large-init.kind = 'random' starts it untrained: set large-init.kind to 'pretrain' or 'file', "
                 "or distill.initial-forward-epochs = 0"
             )
+        if self.devices:
+            _check_device_classes(self)
         if self.large_init.kind == "pretrain" and self.data.proxy_labelled == 0:
             raise ValueError(
                 "large-init.kind = 'pretrain' needs a labelled server set: set data.proxy-labelled "
@@ -284,8 +309,30 @@ class ExperimentConfig(_Section):
         return self
 
 
+def _check_device_classes(config: ExperimentConfig) -> None:
+    """[[devices]] choose every client's small model, from shares or counts that cover the clients."""
+    devices, models = config.devices, config.models
+    names = [d.name for d in devices]
+    if len(set(names)) != len(names):
+        raise ValueError(f"devices: a class name is given twice: {names}")
+    if models.small_shares or models.assignment:
+        raise ValueError("devices choose each client's small model: drop models.small-shares and models.assignment")
+    by_share, by_count = [d for d in devices if d.share > 0], [d for d in devices if d.count > 0]
+    if len(by_share) != len(devices) and len(by_count) != len(devices):
+        raise ValueError("devices: give every class a share, or every class a count (and not both)")
+    if by_share and abs(sum(d.share for d in devices) - 1) > 1e-6:
+        raise ValueError(f"devices: the shares must sum to 1, got {sum(d.share for d in devices):.6g}")
+    if by_count and len(by_count) == len(devices) and sum(d.count for d in devices) != config.data.num_clients:
+        raise ValueError(f"devices: the counts sum to {sum(d.count for d in devices)} but data.num-clients is "
+                         f"{config.data.num_clients}")
+
+
 def _format_location(loc: tuple[Any, ...]) -> str:
-    return ".".join(str(part) for part in loc if not isinstance(part, int)) or "(top level)"
+    """`section.key`, with list positions as `[i]` (e.g. devices[1].memory-mb)."""
+    text = ""
+    for part in loc:
+        text += f"[{part}]" if isinstance(part, int) else ("." if text else "") + str(part)
+    return text or "(top level)"
 
 
 def _allowed_keys(model: type[BaseModel], loc: tuple[Any, ...]) -> list[str]:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 
+from koala.algorithms.devices import counts_from_shares
 from koala.config import ModelsConfig
 from koala.errors import ConfigError
 from koala.seeding import numpy_generator
@@ -20,11 +21,7 @@ def assign_architectures(models: ModelsConfig, num_clients: int, seed: int) -> l
                 "(its teacher and its forward distillation would serve nobody); assign it, or drop it from models.small"
             )
         return list(models.assignment)
-    shares = np.asarray(models.small_shares or [1.0 / len(models.small)] * len(models.small))
-    exact = shares * num_clients
-    counts = np.floor(exact).astype(int)
-    for i in np.argsort(-(exact - counts), kind="stable")[: num_clients - counts.sum()]:
-        counts[i] += 1
+    counts = counts_from_shares(models.small_shares or [1.0 / len(models.small)] * len(models.small), num_clients)
     empty = [arch for arch, count in zip(models.small, counts) if count == 0]
     if empty:
         raise ConfigError(

@@ -19,8 +19,10 @@ from typing import Any, Literal
 
 import torch
 
+from koala.accounting.measure import CostTable
 from koala.aggregate import clip_update, update_distance, validate_update
 from koala.algorithms.assignment import assign_architectures
+from koala.algorithms.devices import ClassPlan, device_classes_of_clients, plan_devices
 from koala.config import ExperimentConfig
 from koala.data.dataset import ImageSplit
 from koala.errors import UpdateRejected
@@ -95,7 +97,27 @@ class Algorithm(ABC):
         self.spec = spec
         self.server_data = server_data
         self.device = device
-        self.assignment = assign_architectures(config.models, config.data.num_clients, config.seed)
+        self.device_plan: list[ClassPlan] = []
+        if config.devices:
+            self.assign_device_classes(device_classes_of_clients(config.devices, config.data.num_clients, config.seed))
+        else:
+            self.assignment = assign_architectures(config.models, config.data.num_clients, config.seed)
+
+    def assign_device_classes(self, classes: Sequence[str]) -> None:
+        """Give every client the small model its device class can afford (`plan_devices`), the class
+        of client id K being `classes[K]`; the plan is kept in `device_plan`."""
+        costs = CostTable(self.spec, self.config.client.batch_size, momentum=self.config.client.momentum > 0)
+        sizes = dict(enumerate(self.server_data.client_sizes))
+        self.device_plan = plan_devices(self.config, classes, costs.__getitem__, sizes)
+        architecture = {plan.device_class: plan.architecture for plan in self.device_plan}
+        self.assignment = [architecture[name] for name in classes]
+
+    @property
+    def small_architectures(self) -> list[str]:
+        """The small architectures some client trains, in the order of `models.small` (with device
+        classes, a candidate no class can afford, or that a better one beats, is left out)."""
+        used = set(self.assignment)
+        return [arch for arch in self.config.models.small if arch in used]
 
     # -- what the server sends ------------------------------------------------------------------
     @abstractmethod

@@ -42,7 +42,7 @@ class FedAvgSmall(Algorithm):
         return self.assignment[client_id]
 
     def initial_state(self, metrics: RoundMetrics) -> ServerState:
-        return ServerState(round=0, large=None, small=self.initial_small_states(self.config.models.small))
+        return ServerState(round=0, large=None, small=self.initial_small_states(self.small_architectures))
 
     def server_round(self, state: ServerState, updates: Sequence[ClientUpdate], metrics: RoundMetrics) -> ServerState:
         with metrics.timed("aggregate"):

@@ -76,7 +76,7 @@ class Koala(Algorithm):
         """The large model's start and fresh small models; with `distill.initial-forward-epochs`,
         the start is first distilled into every small model, so the clients' first models carry it."""
         large = self.initial_large_state(metrics)
-        small = self.initial_small_states(self.config.models.small)
+        small = self.initial_small_states(self.small_architectures)
         epochs = self.config.distill.initial_forward_epochs
         if epochs:
             settings = self.config.distill.forward.model_copy(update={"epochs": epochs})

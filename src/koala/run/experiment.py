@@ -33,13 +33,15 @@ class Experiment:
     def describe(self) -> dict[str, object]:
         """The facts printed before round 1 and kept in the summary."""
         models, small = self.config.models, self.algorithm.trains_small_models
+        architectures = Counter(self.algorithm.assignment) if small else Counter()
         return {
             "algorithm": self.config.algorithm,
             # the architectures the clients train, not those the config lists: FedAvg-large is homogeneous
-            "mode": "heterogeneous" if small and models.heterogeneous else "homogeneous",
+            "mode": "heterogeneous" if len(architectures) > 1 else "homogeneous",
             "dataset": self.config.data.dataset,
             "large": models.large,
-            "small": dict(sorted(Counter(self.algorithm.assignment).items())) if small else {},
+            "small": dict(sorted(architectures.items())),
+            **({"devices": [plan.describe() for plan in self.algorithm.device_plan]} if self.algorithm.device_plan else {}),
             "split": self.split.describe(),
             "device": str(self.device),
         }

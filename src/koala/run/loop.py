@@ -171,6 +171,8 @@ def run_experiment(
     description = {**experiment.describe(), "engine": engine}
     echo(f"{description['algorithm']} ({description['mode']}) on {description['dataset']} with the {engine} engine: "
          f"large {description['large']}, small {description['small']}, split {description['split']}")
+    for plan in experiment.algorithm.device_plan:
+        echo("  " + plan.line())
     try:
         if resume:
             echo(f"resuming {run_dir.path} after round {checkpoint.state.round} of {config.rounds}")

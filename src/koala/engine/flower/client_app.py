@@ -62,6 +62,8 @@ def describe(message: Message, context: Context) -> Message:
     """Tell the server which partition this node holds."""
     partition, num_partitions = node_partition(context.node_config)
     record = ConfigRecord({"partition-id": partition, "num-partitions": num_partitions})
+    if "device-class" in context.node_config:  # the node says what device it is: the server plans for it
+        record["device-class"] = str(context.node_config["device-class"])
     return Message(RecordDict({"partition": record}), reply_to=message)
 
 

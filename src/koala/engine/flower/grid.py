@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 
 from flwr.app import Message, MessageType, RecordDict
 from flwr.serverapp import Grid
@@ -53,14 +54,16 @@ def exchange(grid: Grid, messages: dict[int, Message], timeout: float) -> dict[i
     return replies
 
 
-def discover_partitions(grid: Grid, config: ExperimentConfig, echo: Echo) -> dict[int, int]:
+def discover_partitions(grid: Grid, config: ExperimentConfig, echo: Echo) -> tuple[dict[int, int], dict[int, str]]:
     """Map client ids (partition ids) to node ids, waiting at most `flower.node-timeout` seconds for
-    every partition's SuperNode. Nodes are asked as they appear, while earlier ones are still
-    answering. A run starts without missing nodes only if enough are there to meet
-    `client.min-replies`; their clients then fail whenever they are sampled."""
+    every partition's SuperNode, and the device classes that nodes name, by client id. Nodes are
+    asked as they appear, while earlier ones are still answering. A run starts without missing nodes
+    only if enough are there to meet `client.min-replies`; their clients then fail whenever they are
+    sampled."""
     wanted = config.data.num_clients
     deadline = time.monotonic() + config.flower.node_timeout
     nodes: dict[int, int] = {}
+    classes: dict[int, str] = {}
     asked: set[int] = set()
     pending: dict[str, int] = {}
     while len(nodes) < wanted and time.monotonic() < deadline:
@@ -70,7 +73,7 @@ def discover_partitions(grid: Grid, config: ExperimentConfig, echo: Echo) -> dic
         pending.update(push(grid, {node: Message(RecordDict(), dst_node_id=node, message_type=MessageType.QUERY, ttl=ttl)
                                    for node in new}))
         for node, reply in pull(grid, pending).items():
-            _record_partition(node, reply, nodes, wanted, echo)
+            _record_partition(node, reply, nodes, classes, wanted, echo)
         time.sleep(POLL_INTERVAL)
     if len(nodes) < wanted:
         missing = sorted(set(range(wanted)) - set(nodes))
@@ -80,30 +83,44 @@ def discover_partitions(grid: Grid, config: ExperimentConfig, echo: Echo) -> dic
             raise ConfigError(message + ": start a SuperNode for each with --node-config \"partition-id=K "
                               f"num-partitions={wanted}\" (see the README) or raise the timeout")
         echo(f"warning: {message}; their clients will fail when sampled")
-    return nodes
+    return nodes, classes
 
 
-def read_partition(content: RecordDict) -> tuple[int, int]:
-    """(partition-id, num-partitions) from a node's answer to the discovery query; ValueError, naming
-    what is wrong, for anything else."""
+@dataclass(frozen=True)
+class Partition:
+    """What a SuperNode says of itself at discovery: the client it holds, and its device class if its
+    node config names one (`device-class`)."""
+
+    partition: int
+    num_partitions: int
+    device_class: str | None = None
+
+
+def read_partition(content: RecordDict) -> Partition:
+    """A node's answer to the discovery query; ValueError, naming what is wrong, for anything else."""
     record = content.config_records.get("partition")
     if record is None:
         raise ValueError("no 'partition' record")
     try:
-        return int(record["partition-id"]), int(record["num-partitions"])
+        partition, num_partitions = int(record["partition-id"]), int(record["num-partitions"])
     except (KeyError, TypeError, ValueError) as exc:
         raise ValueError(f"partition-id and num-partitions must be integers ({type(exc).__name__}: {exc})") from None
+    device_class = record.get("device-class")
+    return Partition(partition, num_partitions, None if device_class is None else str(device_class))
 
 
-def _record_partition(node: int, reply: Message, nodes: dict[int, int], wanted: int, echo: Echo) -> None:
+def _record_partition(
+    node: int, reply: Message, nodes: dict[int, int], classes: dict[int, str], wanted: int, echo: Echo
+) -> None:
     if reply.has_error():
         echo(f"warning: SuperNode {node} did not describe its partition: {reply.error.reason}")
         return
     try:
-        partition, num_partitions = read_partition(reply.content)
+        described = read_partition(reply.content)
     except ValueError as exc:  # a node's description: a bad one leaves the node out, never ends the run
         echo(f"warning: SuperNode {node} sent a partition description that cannot be read ({exc}); it is left out")
         return
+    partition, num_partitions = described.partition, described.num_partitions
     if num_partitions != wanted or not 0 <= partition < wanted:
         echo(f"warning: SuperNode {node} was started with partition-id={partition} num-partitions={num_partitions}, "
              f"but the experiment has {wanted} clients; it is left out (restart it with num-partitions={wanted})")
@@ -111,6 +128,8 @@ def _record_partition(node: int, reply: Message, nodes: dict[int, int], wanted: 
         echo(f"warning: SuperNodes {nodes[partition]} and {node} both hold partition {partition}; using the first")
     else:
         nodes[partition] = node
+        if described.device_class is not None:
+            classes[partition] = described.device_class
 
 
 def grid_dispatch(grid: Grid, algorithm: Algorithm, nodes: dict[int, int]) -> Dispatch:

@@ -14,6 +14,8 @@ from pathlib import Path
 from flwr.app import Context
 from flwr.serverapp import Grid, ServerApp
 
+from koala.algorithms import Algorithm
+from koala.algorithms.devices import device_classes_of_clients
 from koala.config import ExperimentConfig, load_config
 from koala.engine.flower.grid import discover_partitions, grid_dispatch
 from koala.errors import ConfigError
@@ -26,9 +28,26 @@ def run_on_grid(grid: Grid, config: ExperimentConfig, out_dir: Path | None, echo
     """Prepare the experiment on the server, find the SuperNodes and run every round over the Grid
     (with `resume`, the rounds after `out_dir`'s checkpoint)."""
     experiment = prepare_experiment(config)
-    nodes = discover_partitions(grid, config, echo)
+    nodes, classes = discover_partitions(grid, config, echo)
+    if classes:
+        plan_for_announced_devices(experiment.algorithm, classes, echo)
     return run_experiment(experiment, grid_dispatch(grid, experiment.algorithm, nodes), out_dir, echo, engine=engine,
                           resume=resume)
+
+
+def plan_for_announced_devices(algorithm: Algorithm, announced: dict[int, str], echo: Echo) -> None:
+    """Plan the small models again with the device classes the SuperNodes named (`device-class` in
+    their node config), in place of the seeded ones for those clients; classes must be [[devices]]'."""
+    config = algorithm.config
+    known = {device.name for device in config.devices}
+    unknown = sorted({name for name in announced.values() if name not in known})
+    if not config.devices or unknown:
+        raise ConfigError(f"SuperNodes name device classes {unknown or sorted(set(announced.values()))} that the "
+                          f"experiment does not list in [[devices]] ({sorted(known) or 'none'}): add them, or drop "
+                          "device-class from those nodes' --node-config")
+    classes = device_classes_of_clients(config.devices, config.data.num_clients, config.seed)
+    algorithm.assign_device_classes([announced.get(client, name) for client, name in enumerate(classes)])
+    echo(f"device classes named by {len(announced)} SuperNode(s) replace the seeded ones of their clients")
 
 
 app = ServerApp()
