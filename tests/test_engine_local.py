@@ -196,3 +196,12 @@ def test_fedavg_large_is_homogeneous_whatever_small_models_its_config_lists(tmp_
     assert summary["mode"] == "homogeneous" and summary["small"] == {}
     _, koala = _run(tmp_path, [*overrides[:-2], "models.small=['lenet','mobilenetv3-small','shufflenetv2-0.5']"], "koala")
     assert koala["mode"] == "heterogeneous" and sum(koala["small"].values()) == 3
+
+
+def test_the_last_accuracy_line_puts_each_models_start_beside_its_final_accuracy() -> None:
+    from koala.run.progress import format_final
+
+    summary = {"start": {"large": {"accuracy": 0.7882}, "small:lenet": {"accuracy": 0.1334}},
+               "final": {"large": {"accuracy": 0.8331}, "small:lenet": {"accuracy": 0.8410}}}
+    assert format_final(summary) == ("final: large 83.31% (start 78.82%, +4.49 points)  "
+                                     "small:lenet 84.10% (start 13.34%, +70.76 points)")

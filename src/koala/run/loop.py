@@ -25,6 +25,7 @@ from koala.run.experiment import Experiment
 from koala.run.progress import (
     estimate_time_left,
     format_client_problems,
+    format_final,
     format_progress,
     format_savings,
 )
@@ -245,7 +246,7 @@ def _run_rounds(
     summary = summarise(history, description, elapsed(), resources)
     run_dir.write_json(SUMMARY_FILE, summary)
     run_dir.mark("complete", rounds=config.rounds)
-    echo("final: " + "  ".join(f"{m} {100 * r['accuracy']:.2f}%" for m, r in summary["final"].items()))
+    echo(format_final(summary))
     echo(format_savings(resources))
     echo(f"wrote {run_dir.path}/ ({CONFIG_FILE}, {METRICS_FILE}, {RESOURCES_FILE}, {SUMMARY_FILE}, {CHECKPOINT_FILE}, "
          f"{ENVIRONMENT_FILE})")

@@ -57,3 +57,17 @@ def format_savings(resources: dict[str, Any]) -> str:
         f"{totals['client-flops'] / 1e12:.3f} TFLOP; against FedAvg-large: storage -{pct('storage')}, "
         f"FLOPs -{pct('client-flops')}, bytes up -{pct('bytes-up')}, bytes down -{pct('bytes-down')}"
     )
+
+
+def format_final(summary: dict[str, Any]) -> str:
+    """The run's last accuracy line: each model's final test accuracy beside its start (round 0),
+    so that what federation added is read at a glance."""
+    parts = []
+    for model, result in summary["final"].items():
+        start = summary["start"].get(model, {}).get("accuracy")
+        final = 100 * result["accuracy"]
+        if start is None:
+            parts.append(f"{model} {final:.2f}%")
+        else:
+            parts.append(f"{model} {final:.2f}% (start {100 * start:.2f}%, {final - 100 * start:+.2f} points)")
+    return "final: " + "  ".join(parts)
