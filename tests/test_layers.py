@@ -13,7 +13,8 @@ FLOWER_ENTRY_POINTS = {"koala.engine.flower.server_app", "koala.engine.flower.si
 """Flower calls these by name, so they sit with the Flower code; they join the run layer and the
 Flower engine, as the CLI joins the run layer and the local engine."""
 MATHS = ["koala.training", "koala.vectorised", "koala.distill", "koala.aggregate", "koala.augment", "koala.weights",
-         "koala.accounting", "koala.state", "koala.sampling", "koala.seeding", "koala.config", "koala.device"]
+         "koala.accounting", "koala.state", "koala.sampling", "koala.seeding", "koala.config", "koala.device",
+         "koala.privacy"]
 ABOVE_ALGORITHMS = ["koala.algorithms", "koala.engine", "koala.run", "koala.cli", "koala.report"]
 
 

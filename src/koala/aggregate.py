@@ -56,9 +56,9 @@ def validate_metrics(client_id: int, metrics: Mapping[str, object]) -> None:
 def update_distance(update: ClientUpdate, reference: Mapping[str, torch.Tensor]) -> float:
     """L2 norm of the update's change to `reference`, over every floating-point tensor (weights and
     BatchNorm statistics; integer counters are left out), summed in float64."""
-    squares = [
+    squares = [  # by name: the sum does not depend on the order a state dict lists its tensors in
         (update.state[name].to(torch.float64) - ref.to(update.state[name].device, torch.float64)).square().sum()
-        for name, ref in reference.items() if ref.is_floating_point()
+        for name, ref in sorted(reference.items()) if ref.is_floating_point()
     ]
     return float(torch.stack(squares).sum().sqrt()) if squares else 0.0
 

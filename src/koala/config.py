@@ -179,6 +179,12 @@ class ClientConfig(OptimizerConfig):
         100, ge=1, description="the most clients trained in one stacked pass (bounds the memory of vectorised training)"
     )
 
+    sampling: Literal["fixed-size", "poisson"] = Field(
+        "fixed-size",
+        description="fixed-size: each round asks round(participation x clients) of them; poisson: each client is "
+        "asked independently with probability participation (what user-level DP's add/remove accounting assumes)",
+    )
+
     def clients_per_round(self, num_clients: int) -> int:
         """How many clients a round samples."""
         return max(1, round(self.participation * num_clients))
@@ -244,6 +250,21 @@ class DeviceClassConfig(_Section):
     upload_mb: float = Field(0.0, ge=0, description="MB a client may upload a round, its model's state (0 = no budget)")
 
 
+class PrivacyConfig(_Section):
+    """User-level differential privacy of what clients upload (DP-FedAvg within each architecture):
+    every update is clipped to client.max-update-norm = C, and the server adds Gaussian noise of
+    standard deviation noise-multiplier x C to each architecture's sum before averaging."""
+
+    noise_multiplier: float = Field(0.0, ge=0, description="sigma: the noise's standard deviation over C (0 = off)")
+    target_epsilon: float = Field(0.0, ge=0, description="solve sigma for this epsilon after all rounds (0 = give sigma)")
+    delta: float = Field(0.0, ge=0, lt=1, description="the guarantee's delta (0 = one tenth of 1 / data.num-clients)")
+    accountant: Literal["rdp", "pld"] = Field("rdp", description="dp-accounting's accountant: Renyi DP or privacy loss distributions")
+
+    @property
+    def enabled(self) -> bool:
+        return self.noise_multiplier > 0 or self.target_epsilon > 0
+
+
 class FlowerConfig(_Section):
     """Waits of the Flower engines (the local engine ignores them). Every wait has a limit."""
 
@@ -267,6 +288,7 @@ class ExperimentConfig(_Section):
     client: ClientConfig = Field(default_factory=ClientConfig)
     distill: DistillConfig = Field(default_factory=DistillConfig)
     flower: FlowerConfig = Field(default_factory=FlowerConfig)
+    privacy: PrivacyConfig = Field(default_factory=PrivacyConfig)
     devices: list[DeviceClassConfig] = Field(
         default_factory=list,
         description="client device classes ([[devices]]): each gets the most capable of models.small within its budgets",
@@ -301,6 +323,8 @@ class ExperimentConfig(_Section):
             )
         if self.devices:
             _check_device_classes(self)
+        if self.privacy.enabled:
+            _check_privacy(self)
         if self.large_init.kind == "pretrain" and self.data.proxy_labelled == 0:
             raise ValueError(
                 "large-init.kind = 'pretrain' needs a labelled server set: set data.proxy-labelled "
@@ -325,6 +349,26 @@ def _check_device_classes(config: ExperimentConfig) -> None:
     if by_count and len(by_count) == len(devices) and sum(d.count for d in devices) != config.data.num_clients:
         raise ValueError(f"devices: the counts sum to {sum(d.count for d in devices)} but data.num-clients is "
                          f"{config.data.num_clients}")
+
+
+def _check_privacy(config: ExperimentConfig) -> None:
+    """User-level DP needs its clipping norm, and nothing that reads a single client's model."""
+    privacy = config.privacy
+    if privacy.noise_multiplier and privacy.target_epsilon:
+        raise ValueError("privacy: give privacy.noise-multiplier or privacy.target-epsilon, not both")
+    if config.client.max_update_norm == 0:
+        raise ValueError("privacy needs client.max-update-norm = C > 0: each update is clipped to norm C before the "
+                         "noise (of standard deviation noise-multiplier x C) is added")
+    if privacy.delta and privacy.delta >= 1 / config.data.num_clients:
+        raise ValueError(f"privacy.delta = {privacy.delta:g} is not below 1 / data.num-clients = "
+                         f"{1 / config.data.num_clients:g}: a guarantee that may fail for one client in "
+                         f"{config.data.num_clients} protects nobody; lower it (0 = the default)")
+    if config.algorithm in ("feddf", "centralised") or config.distill.teacher == "ensemble":
+        what = ("algorithm = 'feddf' distils the ensemble of the round's client models" if config.algorithm == "feddf"
+                else "algorithm = 'centralised' trains on the clients' pooled data" if config.algorithm == "centralised"
+                else "distill.teacher = 'ensemble' distils each client's own model")
+        raise ValueError(f"privacy: {what}, which the noise on the architectures' sums does not protect; "
+                         "use distill.teacher = 'averaged' with algorithm koala, fedavg-small or fedavg-large")
 
 
 def _format_location(loc: tuple[Any, ...]) -> str:

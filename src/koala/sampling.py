@@ -14,6 +14,13 @@ def sample_clients(seed: int, round_number: int, num_clients: int, count: int) -
     return sorted(order[:count].tolist())
 
 
+def poisson_sample_clients(seed: int, round_number: int, num_clients: int, rate: float) -> list[int]:
+    """The round's clients when each is asked independently with probability `rate` (Poisson
+    sampling; the count varies from round to round, and may be 0), from a stream of its own."""
+    draws = numpy_generator(seed, "poisson-sample", round_number).random(num_clients)
+    return [cid for cid in range(num_clients) if draws[cid] < rate]
+
+
 def unreachable_clients(seed: int, round_number: int, clients: list[int], probability: float) -> list[int]:
     """The sampled clients that drop out of the round (simulated failures): each independently with
     `probability`, from a stream of its own, so dropout never shifts sampling or training."""

@@ -20,14 +20,21 @@ from typing import Any, Literal
 import torch
 
 from koala.accounting.measure import CostTable
-from koala.aggregate import clip_update, update_distance, validate_update
+from koala.aggregate import (
+    GroupAggregate,
+    aggregate_by_architecture,
+    clip_update,
+    update_distance,
+    validate_update,
+)
 from koala.algorithms.assignment import assign_architectures
 from koala.algorithms.devices import ClassPlan, device_classes_of_clients, plan_devices
 from koala.config import ExperimentConfig
 from koala.data.dataset import ImageSplit
 from koala.errors import UpdateRejected
 from koala.models import InputSpec, model_entry
-from koala.sampling import sample_clients
+from koala.privacy import private_average, resolve_privacy
+from koala.sampling import poisson_sample_clients, sample_clients
 from koala.seeding import derive_seed
 from koala.state import ClientTask, ClientUpdate, ServerState, StateDict
 from koala.training import samples_per_epoch, train_supervised
@@ -97,6 +104,7 @@ class Algorithm(ABC):
         self.spec = spec
         self.server_data = server_data
         self.device = device
+        self.privacy = resolve_privacy(config)
         self.device_plan: list[ClassPlan] = []
         if config.devices:
             self.assign_device_classes(device_classes_of_clients(config.devices, config.data.num_clients, config.seed))
@@ -135,6 +143,8 @@ class Algorithm(ABC):
     def round_clients(self, round_number: int) -> list[int]:
         """The clients asked in `round_number`: a seeded draw of `client.participation` of them."""
         config = self.config
+        if config.client.sampling == "poisson":
+            return poisson_sample_clients(config.seed, round_number, config.data.num_clients, config.client.participation)
         return sample_clients(
             config.seed, round_number, config.data.num_clients, config.client.clients_per_round(config.data.num_clients)
         )
@@ -188,6 +198,19 @@ class Algorithm(ABC):
                 f"client {update.client_id} reported trained-samples = {update.metrics.get('trained-samples')!r}, but "
                 f"{settings.epochs} epoch(s) over its {holds} examples train {trained}"
             )
+
+    def aggregate(self, state: ServerState, updates: Sequence[ClientUpdate]) -> dict[str, GroupAggregate]:
+        """The round's accepted updates averaged within each architecture: FedAvg weighted by sample
+        count, or, with `[privacy]`, DP-FedAvg over every architecture the clients hold
+        (`koala.privacy.private_average`)."""
+        if self.privacy is None:
+            return aggregate_by_architecture(updates)
+        references, clients = {}, Counter()
+        for client in range(self.config.data.num_clients):
+            architecture = self.client_architecture(client)
+            references.setdefault(architecture, self.client_weights(state, client))
+            clients[architecture] += 1
+        return private_average(updates, references, clients, self.privacy, self.config.seed, state.round + 1)
 
     @abstractmethod
     def server_round(self, state: ServerState, updates: Sequence[ClientUpdate], metrics: RoundMetrics) -> ServerState:

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from koala.aggregate import aggregate_by_architecture
 from koala.algorithms.base import Algorithm, RoundMetrics
 from koala.state import ClientUpdate, ServerState, StateDict
 
@@ -28,7 +27,7 @@ class FedAvgLarge(Algorithm):
 
     def server_round(self, state: ServerState, updates: Sequence[ClientUpdate], metrics: RoundMetrics) -> ServerState:
         with metrics.timed("aggregate"):
-            groups = aggregate_by_architecture(updates)
+            groups = self.aggregate(state, updates)
         large = groups[self.config.models.large].state if groups else state.large
         return ServerState(round=state.round + 1, large=large, small={})
 
@@ -46,6 +45,6 @@ class FedAvgSmall(Algorithm):
 
     def server_round(self, state: ServerState, updates: Sequence[ClientUpdate], metrics: RoundMetrics) -> ServerState:
         with metrics.timed("aggregate"):
-            groups = aggregate_by_architecture(updates)
+            groups = self.aggregate(state, updates)
         small = {**state.small, **{arch: group.state for arch, group in groups.items()}}
         return ServerState(round=state.round + 1, large=None, small=small)

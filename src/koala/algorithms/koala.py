@@ -22,7 +22,7 @@ from collections.abc import Callable, Sequence
 
 import torch
 
-from koala.aggregate import GroupAggregate, aggregate_by_architecture, fedavg
+from koala.aggregate import GroupAggregate, fedavg
 from koala.algorithms.base import Algorithm, RoundMetrics
 from koala.config import DistillOptimizerConfig
 from koala.distill import (
@@ -93,7 +93,7 @@ class Koala(Algorithm):
         distillations come back in the new state when `distill.keep-optimizer-state` is on."""
         round_number = state.round + 1
         with metrics.timed("aggregate"):
-            groups = aggregate_by_architecture(updates)
+            groups = self.aggregate(state, updates)
         small = {**state.small, **{arch: group.state for arch, group in groups.items()}}
         if not groups:
             return ServerState(round_number, state.large, small, state.optimizers)

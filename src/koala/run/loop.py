@@ -100,6 +100,8 @@ def play_round(experiment: Experiment, dispatch: Dispatch, state: ServerState) -
         replies.fail(cid, f"unreachable this round (simulated: client.dropout-probability = {config.client.dropout_probability:g})")
     state, line = complete_round(experiment, state, clients, replies)
     line["time-clients"] = round(client_time, 4)
+    if (privacy := experiment.algorithm.privacy) is not None:  # what the uploads' DP has spent so far
+        line["privacy"] = {"epsilon": round(privacy.epsilon(round_number), 6), "delta": privacy.delta}
     if round_number % config.eval_every == 0 or round_number == config.rounds:
         line.update(evaluation(experiment, state))
     line["time-round"] = round(time.perf_counter() - round_start, 4)
@@ -244,6 +246,8 @@ def _run_rounds(
     resources = resources_summary(experiment.costs, config.models.large, experiment.client_architectures(), history)
     run_dir.write_json(RESOURCES_FILE, resources)
     summary = summarise(history, description, elapsed(), resources)
+    if experiment.algorithm.privacy is not None:
+        summary["privacy"] = experiment.algorithm.privacy.describe(history[-1]["round"])
     run_dir.write_json(SUMMARY_FILE, summary)
     run_dir.mark("complete", rounds=config.rounds)
     echo(format_final(summary))

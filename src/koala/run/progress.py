@@ -22,6 +22,8 @@ def format_progress(line: dict[str, Any], total_rounds: int, elapsed: float | No
                 parts.append(f"{key} {len(line[key])}")
         if line["train-loss"] is not None:
             parts.append(f"train-loss {line['train-loss']:.3f}")
+        if "privacy" in line:
+            parts.append(f"epsilon {line['privacy']['epsilon']:.3g} (delta {line['privacy']['delta']:.2g})")
         parts.append(f"{line['time-round']:.1f} s")
         if "skipped" in line:
             parts.append("SKIPPED: " + line["skipped"])
