@@ -5,7 +5,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import DIGITS_KOALA, QUICKSTART
+from helpers import BASE, DIGITS_KOALA
 
 from koala.config import load_config
 from koala.distill import anchored_targets
@@ -42,7 +42,7 @@ def test_anchors_off_return_the_teachers_targets_untouched() -> None:
 
 
 def _large_accuracy(tmp_path: Path, name: str, *extra: str) -> tuple[list[float], list[dict]]:
-    metrics = run_local(load_config(QUICKSTART, [*PRETRAINED, *extra]), tmp_path / name, echo=lambda _: None).metrics
+    metrics = run_local(load_config(BASE, [*PRETRAINED, *extra]), tmp_path / name, echo=lambda _: None).metrics
     return [line["eval"]["large"]["accuracy"] for line in metrics], metrics
 
 
@@ -81,8 +81,8 @@ def test_initial_forward_distillation_hands_the_clients_the_pretrained_knowledge
 
 def test_levers_without_what_they_need_are_refused_naming_the_key() -> None:
     with pytest.raises(ConfigError, match="distill.initial-forward-epochs > 0 .* large-init.kind = 'random'"):
-        load_config(QUICKSTART, ["distill.initial-forward-epochs=5"])
+        load_config(BASE, ["distill.initial-forward-epochs=5"])
     with pytest.raises(ConfigError, match="distill.reverse-self-weight"):
-        load_config(QUICKSTART, ["distill.reverse-self-weight=1.0"])
+        load_config(BASE, ["distill.reverse-self-weight=1.0"])
     with pytest.raises(ConfigError, match="distill.reverse-selection"):
-        load_config(QUICKSTART, ["distill.reverse-selection='labels'"])
+        load_config(BASE, ["distill.reverse-selection='labels'"])

@@ -5,7 +5,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import DIGITS_KOALA, QUICKSTART
+from helpers import BASE, DIGITS_KOALA
 from torch import nn
 
 from koala.aggregate import aggregate_by_architecture
@@ -114,7 +114,7 @@ def _round_one(*overrides: str):
     from koala.run.experiment import prepare_experiment
     from koala.seeding import derive_seed
 
-    experiment = prepare_experiment(load_config(QUICKSTART, [*DIGITS, *overrides]))
+    experiment = prepare_experiment(load_config(BASE, [*DIGITS, *overrides]))
     algorithm = experiment.algorithm
     state = algorithm.initial_state(RoundMetrics())
     updates = [local_train(algorithm.client_task(state, cid), experiment.split.client_data(cid), experiment.config,
@@ -147,7 +147,7 @@ def test_the_teacher_runs_once_per_proxy_image_or_once_per_augmented_view(augmen
 def test_a_run_with_augmented_distillation_learns(tmp_path: Path) -> None:
     # shifts only: a mirrored digit is another digit, or none
     shifts = ["distill.reverse.max-shift=1", "distill.forward.max-shift=1", "rounds=3"]
-    result = run_local(load_config(QUICKSTART, [*DIGITS, *shifts]), tmp_path / "run", echo=lambda _: None)
+    result = run_local(load_config(BASE, [*DIGITS, *shifts]), tmp_path / "run", echo=lambda _: None)
     accuracy = {model: [line["eval"][model]["accuracy"] for line in result.metrics] for model in ("large", "small:lenet")}
     assert accuracy["large"][-1] > 0.5 and accuracy["large"][-1] > accuracy["large"][0] + 0.3
     assert accuracy["small:lenet"][-1] > 0.6

@@ -10,8 +10,8 @@ from pathlib import Path
 
 import pytest
 import torch
+from helpers import BASE, ROOT, cli_overrides
 from helpers import DIGITS as DIGITS_DATA
-from helpers import QUICKSTART, ROOT, cli_overrides
 from safetensors.torch import save_file
 
 from koala.cli import main
@@ -32,26 +32,26 @@ def _truncated_fashion_mnist(tmp: Path) -> list[str]:
     shutil.copytree(FASHION, data)
     images = data / "train-images-idx3-ubyte.gz"
     images.write_bytes(images.read_bytes()[:200_000])
-    return [str(QUICKSTART), *_set(f"data.dir='{data}'")]
+    return [str(BASE), *_set(f"data.dir='{data}'")]
 
 
 def _weights_of_another_model(tmp: Path) -> list[str]:
     weights = tmp / "lenet.safetensors"
     save_file({"features.0.weight": torch.zeros(16, 1, 3, 3)}, str(weights))
-    return [str(QUICKSTART), *_set("large-init.kind='file'", f"large-init.path='{weights}'")]
+    return [str(BASE), *_set("large-init.kind='file'", f"large-init.path='{weights}'")]
 
 
 def _pickled_objects_as_weights(tmp: Path) -> list[str]:
     weights = tmp / "checkpoint.pt"  # a training checkpoint, not a state dict: an optimizer and a Python object
     torch.save({"model": {"w": torch.zeros(2)}, "epoch": 3, "optimizer": torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=0.1)},
                weights)
-    return [str(QUICKSTART), *_set("large-init.kind='file'", f"large-init.path='{weights}'")]
+    return [str(BASE), *_set("large-init.kind='file'", f"large-init.path='{weights}'")]
 
 
 def _tensors_not_by_name(tmp: Path) -> list[str]:
     weights = tmp / "list.pt"
     torch.save([torch.zeros(2), torch.ones(2)], weights)
-    return [str(QUICKSTART), *_set("large-init.kind='file'", f"large-init.path='{weights}'")]
+    return [str(BASE), *_set("large-init.kind='file'", f"large-init.path='{weights}'")]
 
 
 def _empty_config(tmp: Path) -> list[str]:
@@ -84,47 +84,47 @@ def _garbage_checkpoint(tmp: Path) -> list[str]:
 def _occupied_out(tmp: Path) -> list[str]:
     (tmp / "out").mkdir()
     (tmp / "out" / "results.csv").write_text("precious\n")
-    return [str(QUICKSTART), *DIGITS, "--out", str(tmp / "out")]
+    return [str(BASE), *DIGITS, "--out", str(tmp / "out")]
 
 
 Case = tuple[list[str] | Callable[[Path], list[str]], str]
 CASES: dict[str, Case] = {
-    "unknown key": ([str(QUICKSTART), *_set("data.alpah=0.1")], "data.alpah: unknown key. Did you mean 'alpha'?"),
-    "wrong type": ([str(QUICKSTART), *_set("rounds='ten'")], "rounds: Input should be a valid integer (got 'ten')"),
-    "out of range": ([str(QUICKSTART), *_set("client.participation=1.5")],
+    "unknown key": ([str(BASE), *_set("data.alpah=0.1")], "data.alpah: unknown key. Did you mean 'alpha'?"),
+    "wrong type": ([str(BASE), *_set("rounds='ten'")], "rounds: Input should be a valid integer (got 'ten')"),
+    "out of range": ([str(BASE), *_set("client.participation=1.5")],
                      "client.participation: Input should be less than or equal to 1 (got 1.5)"),
-    "unknown model": ([str(QUICKSTART), *_set("models.large='resnet-18'")],
+    "unknown model": ([str(BASE), *_set("models.large='resnet-18'")],
                       "unknown model 'resnet-18'. Did you mean 'resnet18'? Known models: lenet,"),
-    "unknown dataset": ([str(QUICKSTART), *_set("data.dataset='mnist'")],
+    "unknown dataset": ([str(BASE), *_set("data.dataset='mnist'")],
                         "data.dataset: Input should be 'fashion-mnist', 'cifar10', 'cifar100', 'digits' or 'synthetic'"),
-    "unknown fusion rule": ([str(QUICKSTART), *_set("distill.fusion='vote'")],
+    "unknown fusion rule": ([str(BASE), *_set("distill.fusion='vote'")],
                             "distill.fusion: unknown fusion rule 'vote'; known rules: confidence, consensus, sample-share, uniform"),
-    "missing data directory": ([str(QUICKSTART), *_set("data.dir='/nonexistent/fmnist'")],
+    "missing data directory": ([str(BASE), *_set("data.dir='/nonexistent/fmnist'")],
                                "apt-get install -y dataset-fashion-mnist"),
     "truncated IDX file": (_truncated_fashion_mnist, "train-images-idx3-ubyte.gz is truncated or corrupt"),
-    "proxy set leaves clients no data": ([str(QUICKSTART), *DIGITS, *_set("data.proxy-fraction=0.999")],
+    "proxy set leaves clients no data": ([str(BASE), *DIGITS, *_set("data.proxy-fraction=0.999")],
                                          "1 training image(s) remain for 4 clients after the proxy set"),
-    "more clients than samples": ([str(QUICKSTART), *DIGITS, *_set("data.num-clients=2000")],
+    "more clients than samples": ([str(BASE), *DIGITS, *_set("data.num-clients=2000")],
                                   "1293 training image(s) remain for 2000 clients"),
-    "client minimum impossible": ([str(QUICKSTART), *DIGITS, *_set("data.min-client-size=500")],
+    "client minimum impossible": ([str(BASE), *DIGITS, *_set("data.min-client-size=500")],
                                   "cannot give 4 clients at least 500 examples each"),
-    "labelled set larger than proxy set": ([str(QUICKSTART), *DIGITS, *_set("data.proxy-labelled=5000")],
+    "labelled set larger than proxy set": ([str(BASE), *DIGITS, *_set("data.proxy-labelled=5000")],
                                            "data.proxy-labelled = 5000 but the proxy set holds only 144 images"),
-    "pretraining without labels": ([str(QUICKSTART), *_set("large-init.kind='pretrain'")],
+    "pretraining without labels": ([str(BASE), *_set("large-init.kind='pretrain'")],
                                    "large-init.kind = 'pretrain' needs a labelled server set"),
-    "labels term without labels": ([str(QUICKSTART), *_set("distill.reverse-ce-weight=1.0")],
+    "labels term without labels": ([str(BASE), *_set("distill.reverse-ce-weight=1.0")],
                                   "distill.reverse-ce-weight > 0 needs a labelled server set"),
-    "min-replies above the sample": ([str(QUICKSTART), *_set("client.min-replies=20")],
+    "min-replies above the sample": ([str(BASE), *_set("client.min-replies=20")],
                                      "client.min-replies = 20 but a round samples only 10 client(s)"),
     "vectorised training of a model with dropout": (
-        [str(QUICKSTART), *_set("client.vectorised=true", "models.small=['mobilenetv3-small']")],
+        [str(BASE), *_set("client.vectorised=true", "models.small=['mobilenetv3-small']")],
         "client.vectorised: mobilenetv3-small has dropout (classifier.2, p=0.2)"),
-    "architecture without clients": ([str(QUICKSTART), *DIGITS, *_set("models.small=['lenet','mobilenetv3-small']",
+    "architecture without clients": ([str(BASE), *DIGITS, *_set("models.small=['lenet','mobilenetv3-small']",
                                                                       "models.assignment=['lenet','lenet','lenet','lenet']")],
                                      "models.assignment gives no client ['mobilenetv3-small']"),
-    "shares do not match models": ([str(QUICKSTART), *_set("models.small-shares=[0.5,0.5]")],
+    "shares do not match models": ([str(BASE), *_set("models.small-shares=[0.5,0.5]")],
                                    "models.small-shares has 2 entries but models.small has 1"),
-    "missing weights file": ([str(QUICKSTART), *_set("large-init.kind='file'", "large-init.path='/nonexistent.safetensors'")],
+    "missing weights file": ([str(BASE), *_set("large-init.kind='file'", "large-init.path='/nonexistent.safetensors'")],
                              "weights file /nonexistent.safetensors does not exist (large-init.path)"),
     "weights of another model": (_weights_of_another_model, "does not fit resnet18-ds: missing"),
     "weights file that is not a state dict": (_pickled_objects_as_weights,
@@ -134,7 +134,7 @@ CASES: dict[str, Case] = {
     "empty config file": (_empty_config, "empty.toml sets nothing (it is empty or only comments)"),
     "missing config file": (["missing.toml"], "config file missing.toml does not exist"),
     "invalid TOML": (_invalid_toml, "is not valid TOML"),
-    "malformed --set": ([str(QUICKSTART), "--set", "rounds"], "--set 'rounds': expected key=value"),
+    "malformed --set": ([str(BASE), "--set", "rounds"], "--set 'rounds': expected key=value"),
     "resume directory that is not a run": (_not_a_run, "is not a koala run directory"),
     "damaged checkpoint": (_garbage_checkpoint, "is damaged: it cannot be read as safetensors"),
     "occupied output directory": (_occupied_out, "already exists and is not empty; choose another --out"),
@@ -164,7 +164,7 @@ def test_bad_input_gives_one_clear_message_and_writes_nothing(case: str, tmp_pat
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has a GPU")
 def test_cuda_without_a_gpu_is_refused(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    assert main(["run", str(QUICKSTART), *DIGITS, *_set("device='cuda'"), "--out", str(tmp_path / "out")]) == 2
+    assert main(["run", str(BASE), *DIGITS, *_set("device='cuda'"), "--out", str(tmp_path / "out")]) == 2
     assert "device = 'cuda' but torch sees no GPU here; set device = 'cpu'" in capsys.readouterr().err
     assert not (tmp_path / "out").exists()
 

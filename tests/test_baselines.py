@@ -4,7 +4,7 @@ distillation) and the centralised upper bound (the large model on the pooled cli
 import json
 from pathlib import Path
 
-from helpers import DIGITS_KOALA, QUICKSTART
+from helpers import BASE, DIGITS_KOALA
 
 from koala.config import load_config
 from koala.run.experiment import Experiment, prepare_experiment
@@ -15,7 +15,7 @@ DIGITS = [*DIGITS_KOALA, "rounds=3", "client.epochs=3", "distill.temperature=1.0
 
 
 def _experiment(*overrides: str) -> Experiment:
-    return prepare_experiment(load_config(QUICKSTART, [*DIGITS, *overrides]))
+    return prepare_experiment(load_config(BASE, [*DIGITS, *overrides]))
 
 
 def _accuracy(metrics: list[dict], model: str) -> list[float]:
@@ -23,7 +23,7 @@ def _accuracy(metrics: list[dict], model: str) -> list[float]:
 
 
 def test_feddf_distils_the_client_ensemble_and_never_distils_forward(tmp_path: Path) -> None:
-    result = run_local(load_config(QUICKSTART, [*DIGITS, "algorithm='feddf'"]), tmp_path / "run", echo=lambda _: None)
+    result = run_local(load_config(BASE, [*DIGITS, "algorithm='feddf'"]), tmp_path / "run", echo=lambda _: None)
     large = _accuracy(result.metrics, "large")
     assert large[-1] > 0.5 and large[-1] > large[0] + 0.3
     assert all("reverse-loss" in line and not any(k.startswith("forward-loss") for k in line) for line in result.metrics[1:])
@@ -35,7 +35,7 @@ def test_centralised_large_trains_on_the_pooled_client_data_without_clients(tmp_
     pooled = experiment.algorithm.server_data.pooled_clients
     assert pooled is not None and len(pooled) == sum(experiment.split.client_sizes())
     assert _experiment().algorithm.server_data.pooled_clients is None  # federated methods never get it
-    result = run_local(load_config(QUICKSTART, [*DIGITS, "algorithm='centralised'"]), tmp_path / "run", echo=lambda _: None)
+    result = run_local(load_config(BASE, [*DIGITS, "algorithm='centralised'"]), tmp_path / "run", echo=lambda _: None)
     large = _accuracy(result.metrics, "large")
     assert large[-1] > 0.8 and large[-1] > large[0] + 0.5
     large_cost = json.loads((tmp_path / "run" / "resources.json").read_text())["architectures"]["lenet"]

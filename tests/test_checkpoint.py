@@ -12,8 +12,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from helpers import BASE
 from helpers import DIGITS as DIGITS_DATA
-from helpers import QUICKSTART
 from interruption import interrupt_run
 
 from koala.cli import main
@@ -74,7 +74,7 @@ def _wait_for_lines(path: Path, count: int, process: subprocess.Popen, timeout: 
 
 @pytest.mark.integration
 def test_a_run_killed_mid_round_resumes_bit_identically(tmp_path: Path) -> None:
-    config = load_config(QUICKSTART, KILLED_RUN)
+    config = load_config(BASE, KILLED_RUN)
     experiment_file = tmp_path / "experiment.toml"
     experiment_file.write_text(config_to_toml(config))
     reference = run_local(config, tmp_path / "reference", echo=_quiet)
@@ -103,7 +103,7 @@ def test_a_run_killed_mid_round_resumes_bit_identically(tmp_path: Path) -> None:
 
 
 def test_an_interrupted_run_is_marked_failed_and_resumes_without_stale_lines(tmp_path: Path) -> None:
-    config = load_config(QUICKSTART, SMALL_RUN)
+    config = load_config(BASE, SMALL_RUN)
     reference = run_local(config, tmp_path / "reference", echo=_quiet)
     run = tmp_path / "run"
     interrupt_run(config, run, round_number=3)
@@ -124,7 +124,7 @@ def test_a_crash_between_a_metrics_line_and_its_checkpoint_is_resumed(tmp_path: 
     # The deterministic version of the worst kill point: round 2's line is on disk, its checkpoint is not.
     import koala.run.loop as rounds
 
-    config = load_config(QUICKSTART, SMALL_RUN)
+    config = load_config(BASE, SMALL_RUN)
     reference = run_local(config, tmp_path / "reference", echo=_quiet)
     real_save = rounds.save_checkpoint
 
@@ -197,7 +197,7 @@ def test_a_run_without_a_large_model_checkpoints_none(tmp_path: Path) -> None:
 @pytest.fixture(scope="module")
 def finished_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
     run = tmp_path_factory.mktemp("finished") / "run"
-    run_local(load_config(QUICKSTART, SMALL_RUN + ["rounds=2"]), run, echo=_quiet)
+    run_local(load_config(BASE, SMALL_RUN + ["rounds=2"]), run, echo=_quiet)
     return run
 
 
@@ -266,7 +266,7 @@ def test_load_checkpoint_refuses_a_foreign_safetensors_file(tmp_path: Path) -> N
     ],
 )
 def test_resume_arguments_are_checked(tmp_path: Path, args: list[str], message: str, capsys: pytest.CaptureFixture[str]) -> None:
-    filled = [a.format(tmp=tmp_path, quickstart=QUICKSTART) for a in args]
+    filled = [a.format(tmp=tmp_path, quickstart=BASE) for a in args]
     assert main(["run", *filled]) == 2
     assert message in capsys.readouterr().err
 
@@ -278,7 +278,7 @@ def test_training_with_dropout_is_a_pure_function_that_leaves_the_global_generat
     from koala.state import ClientTask
     from koala.weights import initial_state
 
-    experiment = prepare_experiment(load_config(QUICKSTART, DIGITS + ["data.num-clients=4", "models.small=['mobilenetv2']",
+    experiment = prepare_experiment(load_config(BASE, DIGITS + ["data.num-clients=4", "models.small=['mobilenetv2']",
                                                                       "client.batch-size=128"]))
     weights = initial_state("mobilenetv2", experiment.spec, 0)
     task, data = ClientTask(0, "mobilenetv2", weights), experiment.split.client_data(0)

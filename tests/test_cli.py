@@ -6,8 +6,8 @@ import sys
 from pathlib import Path
 
 import pytest
+from helpers import BASE, cli_overrides
 from helpers import DIGITS as DIGITS_DATA
-from helpers import QUICKSTART, cli_overrides
 
 from koala.cli import main
 
@@ -15,7 +15,7 @@ DIGITS = cli_overrides([*DIGITS_DATA, "data.num-clients=4", "models.large='lenet
 
 
 def test_run_prints_a_line_per_round_and_where_it_wrote(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    assert main(["run", str(QUICKSTART), *DIGITS, "--out", str(tmp_path / "run")]) == 0
+    assert main(["run", str(BASE), *DIGITS, "--out", str(tmp_path / "run")]) == 0
     out = capsys.readouterr().out.splitlines()
     assert [line.split()[1] for line in out if line.startswith("round")] == ["0/2", "1/2", "2/2"]
     assert out[-1].startswith(f"wrote {tmp_path / 'run'}")
@@ -33,9 +33,9 @@ def test_models_lists_every_model_with_its_parameter_count(capsys: pytest.Captur
     ("args", "message"),
     [
         (["run", "missing.toml"], "config file missing.toml does not exist"),
-        (["run", str(QUICKSTART), "--set", "data.alpah=0.1"], "data.alpah: unknown key. Did you mean 'alpha'?"),
-        (["run", str(QUICKSTART), "--set", "models.large='resnet50'"], "unknown model 'resnet50'"),
-        (["run", str(QUICKSTART), "--set", "data.dir='/nonexistent'"], "apt-get install -y dataset-fashion-mnist"),
+        (["run", str(BASE), "--set", "data.alpah=0.1"], "data.alpah: unknown key. Did you mean 'alpha'?"),
+        (["run", str(BASE), "--set", "models.large='resnet50'"], "unknown model 'resnet50'"),
+        (["run", str(BASE), "--set", "data.dir='/nonexistent'"], "apt-get install -y dataset-fashion-mnist"),
     ],
 )
 def test_errors_are_one_clear_message(args: list[str], message: str, capsys: pytest.CaptureFixture[str]) -> None:

@@ -10,8 +10,8 @@ from pathlib import Path
 
 import pytest
 import torch
+from helpers import BASE
 from helpers import DIGITS as DIGITS_DATA
-from helpers import QUICKSTART
 
 from koala.aggregate import clip_update, update_distance
 from koala.algorithms import RoundMetrics
@@ -29,7 +29,7 @@ DIGITS = [*DIGITS_DATA, "models.large='lenet'", "models.small=['lenet']", "clien
 
 
 def _experiment(*overrides: str) -> Experiment:
-    return prepare_experiment(load_config(QUICKSTART, [*DIGITS, *overrides]))
+    return prepare_experiment(load_config(BASE, [*DIGITS, *overrides]))
 
 
 def _run(tmp_path: Path, experiment: Experiment, dispatch=None) -> tuple[list[dict], list[str]]:

@@ -4,7 +4,7 @@ import re
 from pathlib import Path
 
 import pytest
-from helpers import DIGITS, QUICKSTART
+from helpers import BASE, DIGITS
 
 from koala.accounting.measure import ModelCost
 from koala.algorithms.devices import device_classes_of_clients, plan_devices
@@ -106,7 +106,7 @@ def test_a_run_plans_its_clients_models_from_device_classes_and_records_the_plan
     overrides = [*DIGITS, "data.num-clients=6", "models.large='lenet'", "rounds=1", "client.batch-size=32",
                  "models.small=['lenet-narrow','lenet','lenet-wide']", devices]
     printed: list[str] = []
-    result = run_local(load_config(QUICKSTART, overrides), tmp_path / "run", echo=printed.append)
+    result = run_local(load_config(BASE, overrides), tmp_path / "run", echo=printed.append)
     plan = {entry["class"]: entry for entry in result.summary["devices"]}
     assert {name: entry["architecture"] for name, entry in plan.items()} == \
         {"sensor": "lenet-narrow", "phone": "lenet", "hub": "lenet-wide"}

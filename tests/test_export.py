@@ -10,7 +10,7 @@ pytest.importorskip("onnxruntime")
 
 import onnx  # noqa: E402
 import onnxruntime  # noqa: E402
-from helpers import DIGITS, QUICKSTART  # noqa: E402
+from helpers import BASE, DIGITS  # noqa: E402
 from safetensors import safe_open  # noqa: E402
 
 from koala.cli import main  # noqa: E402
@@ -27,7 +27,7 @@ SPEC = InputSpec(1, 28, 10)
 @pytest.fixture(scope="module")
 def run(tmp_path_factory: pytest.TempPathFactory) -> Path:
     out = tmp_path_factory.mktemp("export") / "run"
-    config = load_config(QUICKSTART, [*DIGITS, "data.num-clients=4", "models.large='resnet18-ds'", "rounds=1", "threads=1"])
+    config = load_config(BASE, [*DIGITS, "data.num-clients=4", "models.large='resnet18-ds'", "rounds=1", "threads=1"])
     run_local(config, out, echo=lambda _: None)
     return out
 

@@ -16,7 +16,7 @@ from typing import Any
 
 import pytest
 import torch
-from helpers import QUICKSTART
+from helpers import BASE
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from koala.config import load_config
@@ -71,7 +71,7 @@ EVERY_LEVER = [
 def _run(tmp_path: Path, batch_size: int, vectorised: bool) -> HostReads:
     sizes = [f"{section}.batch-size={batch_size}" for section in ("client", "distill.reverse", "distill.forward",
                                                                    "large-init.pretrain")]
-    config = load_config(QUICKSTART, [*EVERY_LEVER, *sizes, f"client.vectorised={str(vectorised).lower()}"])
+    config = load_config(BASE, [*EVERY_LEVER, *sizes, f"client.vectorised={str(vectorised).lower()}"])
     with HostReads() as counter:
         run = run_local(config, tmp_path / f"batch-{batch_size}", echo=lambda _: None)
     rounds = [line for line in run.metrics if "accepted" in line]

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import DIGITS_KOALA, QUICKSTART, round_one_updates
+from helpers import BASE, DIGITS_KOALA, round_one_updates
 
 from koala.aggregate import aggregate_by_architecture
 from koala.algorithms import RoundMetrics
@@ -21,7 +21,7 @@ DIGITS = [*DIGITS_KOALA, "rounds=3", "client.epochs=3", "distill.temperature=1.0
 
 
 def _experiment(*overrides: str) -> Experiment:
-    return prepare_experiment(load_config(QUICKSTART, [*DIGITS, *overrides]))
+    return prepare_experiment(load_config(BASE, [*DIGITS, *overrides]))
 
 
 def _accuracy(metrics: list[dict], model: str) -> list[float]:
@@ -73,7 +73,7 @@ def test_labels_on_the_proxy_set_or_teacher_quality_scaling_keep_a_pretrained_la
     labelled, proxy = experiment.split.labelled_server, experiment.split.proxy_images
     assert torch.equal(labelled.images, proxy[:300])  # the labelled set is the head of the proxy set
     variants = {"plain": [], "ce": ["distill.reverse-ce-weight=1.0"], "scaled": ["distill.reverse-kd-scaling='teacher-quality'"]}
-    runs = {name: run_local(load_config(QUICKSTART, [*base, *extra]), tmp_path / name, echo=lambda _: None).metrics
+    runs = {name: run_local(load_config(BASE, [*base, *extra]), tmp_path / name, echo=lambda _: None).metrics
             for name, extra in variants.items()}
     start = runs["plain"][0]["eval"]["large"]["accuracy"]
     assert start > 0.7

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import DIGITS, QUICKSTART
+from helpers import BASE, DIGITS
 from interruption import interrupt_run
 
 from koala.config import load_config
@@ -87,7 +87,7 @@ def test_clipping_comes_before_the_noise(tmp_path: Path) -> None:
     from koala.algorithms import RoundMetrics
     from koala.run.experiment import prepare_experiment
 
-    experiment = prepare_experiment(load_config(QUICKSTART, PRIVATE))
+    experiment = prepare_experiment(load_config(BASE, PRIVATE))
     algorithm = experiment.algorithm
     state = algorithm.initial_state(RoundMetrics())
     client = algorithm.round_clients(1)[0]
@@ -105,12 +105,12 @@ def test_clipping_comes_before_the_noise(tmp_path: Path) -> None:
 
 
 def test_a_private_run_reports_epsilon_every_round_and_is_reproducible(tmp_path: Path) -> None:
-    first = run_local(load_config(QUICKSTART, [*PRIVATE, "rounds=3"]), tmp_path / "a", echo=lambda _: None)
-    again = run_local(load_config(QUICKSTART, [*PRIVATE, "rounds=3"]), tmp_path / "b", echo=lambda _: None)
-    other = run_local(load_config(QUICKSTART, [*PRIVATE, "rounds=3", "seed=1"]), tmp_path / "c", echo=lambda _: None)
+    first = run_local(load_config(BASE, [*PRIVATE, "rounds=3"]), tmp_path / "a", echo=lambda _: None)
+    again = run_local(load_config(BASE, [*PRIVATE, "rounds=3"]), tmp_path / "b", echo=lambda _: None)
+    other = run_local(load_config(BASE, [*PRIVATE, "rounds=3", "seed=1"]), tmp_path / "c", echo=lambda _: None)
     assert without_times(first.metrics) == without_times(again.metrics)
     assert first.metrics[-1]["eval"] != other.metrics[-1]["eval"]
-    settings = resolve_privacy(load_config(QUICKSTART, [*PRIVATE, "rounds=3"]))
+    settings = resolve_privacy(load_config(BASE, [*PRIVATE, "rounds=3"]))
     epsilons = [line["privacy"]["epsilon"] for line in first.metrics[1:]]
     assert epsilons == [round(settings.epsilon(r), 6) for r in (1, 2, 3)] and epsilons[0] < epsilons[1] < epsilons[2]
     summary = first.summary["privacy"]
@@ -119,7 +119,7 @@ def test_a_private_run_reports_epsilon_every_round_and_is_reproducible(tmp_path:
 
 
 def test_sigma_is_solved_for_a_target_epsilon() -> None:
-    config = load_config(QUICKSTART, [*PRIVATE[:-2], "privacy.target-epsilon=4.0", "rounds=30"])
+    config = load_config(BASE, [*PRIVATE[:-2], "privacy.target-epsilon=4.0", "rounds=30"])
     settings = resolve_privacy(config)
     assert settings.noise_multiplier > 0
     assert settings.epsilon(30) <= 4.0 and settings.epsilon(30) == pytest.approx(4.0, rel=0.02)
@@ -127,7 +127,7 @@ def test_sigma_is_solved_for_a_target_epsilon() -> None:
 
 
 def test_resuming_after_a_kill_continues_the_privacy_ledger_exactly(tmp_path: Path) -> None:
-    config = load_config(QUICKSTART, [*PRIVATE, "rounds=3"])
+    config = load_config(BASE, [*PRIVATE, "rounds=3"])
     reference = run_local(config, tmp_path / "reference", echo=lambda _: None)
     interrupt_run(config, tmp_path / "run", round_number=2)
     resumed = run_local(config, tmp_path / "run", echo=lambda _: None, resume=True)
@@ -145,7 +145,7 @@ def test_resuming_after_a_kill_continues_the_privacy_ledger_exactly(tmp_path: Pa
 ])
 def test_what_would_break_the_guarantee_is_refused_naming_the_key(overrides: list[str], message: str) -> None:
     with pytest.raises(ConfigError, match=message.replace("(", r"\(").replace(")", r"\)")):
-        load_config(QUICKSTART, [*PRIVATE, *overrides])
+        load_config(BASE, [*PRIVATE, *overrides])
 
 
 def test_poisson_sampling_asks_each_client_independently() -> None:

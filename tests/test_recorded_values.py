@@ -6,7 +6,7 @@ the numbers records them anew, and says why in its commit.
 """
 
 import pytest
-from helpers import DIGITS_KOALA, QUICKSTART
+from helpers import BASE, DIGITS_KOALA
 
 from koala.config import load_config
 from koala.run.launch import run_local
@@ -45,7 +45,7 @@ def _observed(line: dict) -> dict[str, float]:
 @pytest.mark.parametrize("mode", ["homogeneous", "heterogeneous"])
 def test_two_rounds_of_koala_reproduce_the_recorded_losses_and_accuracies(tmp_path, mode: str) -> None:
     overrides = [*TWO_ROUNDS, *(HETEROGENEOUS if mode == "heterogeneous" else [])]
-    result = run_local(load_config(QUICKSTART, overrides), tmp_path / mode, echo=lambda _: None)
+    result = run_local(load_config(BASE, overrides), tmp_path / mode, echo=lambda _: None)
     if mode == "heterogeneous":
         assert result.summary["small"] == {"lenet": 3, "mobilenetv3-small": 1}
     observed = [_observed(line) for line in result.metrics]

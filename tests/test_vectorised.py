@@ -4,7 +4,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import DIGITS_KOALA, QUICKSTART
+from helpers import BASE, DIGITS_KOALA
 
 from koala.config import OptimizerConfig, load_config
 from koala.data.dataset import ImageSplit
@@ -60,7 +60,7 @@ DIGITS = [*DIGITS_KOALA, "data.num-clients=6", "client.epochs=3", "distill.tempe
 def test_a_vectorised_run_writes_the_metrics_of_a_sequential_run(tmp_path: Path) -> None:
     # 3 clients a round, stacked 2 at a time: the chunking is exercised too
     runs = {
-        mode: run_local(load_config(QUICKSTART, [*DIGITS, f"client.vectorised={mode}", "client.participation=0.5",
+        mode: run_local(load_config(BASE, [*DIGITS, f"client.vectorised={mode}", "client.participation=0.5",
                                                   "client.vectorised-chunk=2"]),
                         tmp_path / str(mode), echo=lambda _: None)
         for mode in ("false", "true")
@@ -76,7 +76,7 @@ def test_a_vectorised_run_writes_the_metrics_of_a_sequential_run(tmp_path: Path)
 
 
 def test_vectorised_training_refuses_dropout_before_anything_runs(tmp_path) -> None:
-    config = load_config(QUICKSTART, [*DIGITS, "client.vectorised=true", "models.small=['mobilenetv3-small']"])
+    config = load_config(BASE, [*DIGITS, "client.vectorised=true", "models.small=['mobilenetv3-small']"])
     with pytest.raises(ConfigError, match=r"mobilenetv3-small has dropout \(classifier"):
         run_local(config, tmp_path / "run")
     assert not (tmp_path / "run").exists()

@@ -5,13 +5,17 @@ and the training time per sample, beside the accounting's estimate of one traini
 (`koala.accounting.measure`, a lower bound: it leaves out the allocator and temporaries).
 
 The measurement runs in a child process (`python -m koala.accounting.footprint`) so that nothing the
-caller allocated counts: peak resident memory is a property of a whole process.
+caller allocated counts: peak resident memory is a property of a whole process. On Linux the child
+also resets its high-water mark once the data and the model are in place, so that a transient peak
+while importing (some machines' thread pools and allocators reach hundreds of MB there) does not
+hide what training adds.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import re
 import resource
 import subprocess
 import sys
@@ -56,8 +60,28 @@ class Footprint:
 
 
 def peak_resident_mb() -> float:
-    """This process's peak resident memory so far, in MB (Linux reports ru_maxrss in KiB)."""
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / MB
+    """This process's peak resident memory since it started or since `reset_peak_resident` (Linux's
+    VmHWM), in MB; elsewhere the lifetime peak (ru_maxrss, in KiB on Linux, in bytes on macOS)."""
+    try:
+        with open("/proc/self/status") as status:
+            found = re.search(r"VmHWM:\s+(\d+) kB", status.read())
+    except OSError:
+        found = None
+    if found:
+        return int(found.group(1)) * 1024 / MB
+    scale = 1 if sys.platform == "darwin" else 1024
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * scale / MB
+
+
+def reset_peak_resident() -> bool:
+    """Lower this process's high-water mark to its current resident memory (Linux >= 4.0 only,
+    through /proc/self/clear_refs); False where the platform cannot."""
+    try:
+        with open("/proc/self/clear_refs", "w") as clear_refs:
+            clear_refs.write("5")
+    except OSError:
+        return False
+    return True
 
 
 def measure_here(model: str, spec: InputSpec, batch_size: int, threads: int, samples: int) -> Footprint:
@@ -68,6 +92,7 @@ def measure_here(model: str, spec: InputSpec, batch_size: int, threads: int, sam
     data = ImageSplit(torch.randn(samples, spec.channels, spec.image_size, spec.image_size, generator=generator),
                       torch.randint(0, spec.num_classes, (samples,), generator=generator))
     network = instantiate(model, spec, initial_state(model, spec, 0), "cpu")
+    reset_peak_resident()
     idle = peak_resident_mb()
     settings = OptimizerConfig(epochs=1, batch_size=batch_size, lr=0.01, momentum=0.9)
     train_supervised(network, data.subset(torch.arange(batch_size)), settings, seed=1)  # warm-up: kernels, thread pools
