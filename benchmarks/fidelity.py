@@ -33,8 +33,9 @@ import matplotlib.pyplot as plt  # noqa: E402
 
 from koala.config import load_config  # noqa: E402
 from koala.report import save_figure  # noqa: E402
+from koala.run.checkpoint import CHECKPOINT_FILE  # noqa: E402
 from koala.run.launch import run_local  # noqa: E402
-from koala.run.run_dir import ENVIRONMENT_FILE, SUMMARY_FILE, read_metrics  # noqa: E402
+from koala.run.run_dir import ENVIRONMENT_FILE, SUMMARY_FILE, read_metrics, read_run_config  # noqa: E402
 
 CONFIGS = Path(__file__).resolve().parent.parent / "configs"
 REFERENCE = ["data.validation-size=5000", "data.proxy-size=6000", "threads=1"]
@@ -125,6 +126,10 @@ def run_rows(rows: list[str], seeds: list[int], out: Path, extra: list[str]) -> 
             target = run_dir(out, row, seed)
             if (target / SUMMARY_FILE).is_file():
                 print(f"{target} exists, reusing it")
+                continue
+            if (target / CHECKPOINT_FILE).is_file():  # an interrupted run goes on from its last round
+                print(f"{target} was interrupted, resuming it")
+                run_local(read_run_config(target), target, resume=True)
                 continue
             overrides = [*REFERENCE, *spec.overrides, f"seed={seed}", f"rounds={spec.rounds}", *extra]
             run_local(load_config(CONFIGS / f"{spec.config}.toml", overrides), target)
