@@ -7,10 +7,12 @@ import signal
 import subprocess
 import sys
 import time
+import tomllib
 from pathlib import Path
 
 import numpy as np
 import pytest
+import tomli_w
 import torch
 from helpers import BASE
 from helpers import DIGITS as DIGITS_DATA
@@ -192,6 +194,18 @@ def test_a_run_without_a_large_model_checkpoints_none(tmp_path: Path) -> None:
     state = ServerState(round=1, large=None, small={"lenet": {"w": torch.ones(2)}})
     save_checkpoint(tmp_path, Checkpoint(state, MetricsPosition(0, ""), 0.0, GlobalRngState.capture()), "")
     assert load_checkpoint(tmp_path, "", torch.device("cpu")).state.large is None
+
+
+def test_a_checkpoint_from_an_older_koala_resumes_when_its_config_only_lacks_settings_added_since(tmp_path: Path) -> None:
+    config_toml = config_to_toml(load_config(BASE, SMALL_RUN))
+    older = tomllib.loads(config_toml)
+    del older["privacy"], older["client"]["sampling"]  # what an older version wrote: no such settings yet
+    state = ServerState(round=1, large=None, small={"lenet": {"w": torch.ones(2)}})
+    save_checkpoint(tmp_path, Checkpoint(state, MetricsPosition(0, ""), 0.0, GlobalRngState.capture()), tomli_w.dumps(older))
+    assert load_checkpoint(tmp_path, config_toml, torch.device("cpu")).state.round == 1
+    changed = config_to_toml(load_config(BASE, [*SMALL_RUN, "client.lr=0.5"]))
+    with pytest.raises(CheckpointError, match="differs from the config"):
+        load_checkpoint(tmp_path, changed, torch.device("cpu"))
 
 
 @pytest.fixture(scope="module")

@@ -23,7 +23,8 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save
 
-from koala.errors import CheckpointError
+from koala.config import config_from_toml, config_to_toml
+from koala.errors import CheckpointError, ConfigError
 from koala.run.run_dir import CONFIG_FILE, MetricsPosition, write_atomically
 from koala.seeding import GlobalRngState
 from koala.state import ServerState
@@ -75,7 +76,7 @@ def load_checkpoint(run_dir: Path, config_toml: str, device: torch.device) -> Ch
             f"Start it again with: koala run {run_dir / CONFIG_FILE} --out NEW_DIR"
         )
     tensors, metadata = _read(path)
-    if metadata.get("config") != config_toml:
+    if not _same_experiment(metadata.get("config"), config_toml):
         raise CheckpointError(
             f"{run_dir / CONFIG_FILE} differs from the config {path} was written with: a resumed run must "
             "keep its config. Undo the edit, or start a new run with the new config (--out NEW_DIR)"
@@ -88,6 +89,18 @@ def load_checkpoint(run_dir: Path, config_toml: str, device: torch.device) -> Ch
     except (KeyError, ValueError, TypeError) as exc:
         raise _damaged(path, f"its contents are incomplete ({exc!r})") from None
     return Checkpoint(state, metrics, elapsed, rng)
+
+
+def _same_experiment(written: str | None, config_toml: str) -> bool:
+    """Whether the config a checkpoint was written with is `config_toml`: the same text, or the same
+    once read by this version (a checkpoint from an older koala lacks the settings added since, which
+    take their defaults, and those reproduce the older behaviour)."""
+    if written is None or written == config_toml:
+        return written is not None
+    try:
+        return config_to_toml(config_from_toml(written, "the checkpoint's config")) == config_toml
+    except ConfigError:
+        return False
 
 
 def _read(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
