@@ -149,7 +149,9 @@ class RunRead:
         if not (path / SUMMARY_FILE).is_file():
             return None
         sessions = json.loads((path / ENVIRONMENT_FILE).read_text())["sessions"] if (path / ENVIRONMENT_FILE).is_file() else []
-        commit = sessions[0]["commit"][:7] + ("+dirty" if sessions[0]["dirty"] else "") if sessions and sessions[0]["commit"] else None
+        # a resumed run has one session per start: name each commit, in order
+        commits = [s["commit"][:7] + ("+dirty" if s["dirty"] else "") for s in sessions if s["commit"]]
+        commit = "→".join(dict.fromkeys(commits)) or None
         return cls(read_metrics(path), json.loads((path / SUMMARY_FILE).read_text()), commit)
 
     def headline(self) -> str:
@@ -164,6 +166,16 @@ class RunRead:
         if not evaluated or (at_round is not None and evaluated[-1]["round"] != at_round):
             return None
         return evaluated[-1][key][model]["accuracy"]
+
+    def validation_selected(self, at_round: int) -> tuple[int, float] | None:
+        """The round (1 to `at_round`) whose headline model did best on the validation split, and its
+        test accuracy: what a user who keeps the best model on held-out data ends with."""
+        validated = [line for line in self.lines if "eval-validation" in line and 0 < line["round"] <= at_round]
+        if not validated or validated[-1]["round"] != at_round:
+            return None
+        model = self.headline()
+        best = max(validated, key=lambda line: line["eval-validation"][model]["accuracy"])
+        return best["round"], best["eval"][model]["accuracy"]
 
     def by_round(self, split: str, model: str | None = None) -> list[tuple[int, float]]:
         key = "eval" if split == "test" else "eval-validation"
@@ -198,8 +210,9 @@ def _mean(values: list[float | None]) -> float | None:
 def table(rows: list[str], seeds: list[int], out: Path, split: str, at_round: int) -> str:
     """Markdown: each row's large model at the start and at `at_round`, its small model(s), the
     clients' training TFLOPs a round, the seeds and the commit(s) that produced the runs."""
-    lines = [f"| row | start | large model, round {at_round} | small model(s), round {at_round} "
-             "| client TFLOPs / round | seeds | commit |", "|---|---|---|---|---|---|---|"]
+    lines = [f"| row | start | large model, round {at_round} | large model, best validation round ≤ {at_round} "
+             f"| small model(s), round {at_round} | client TFLOPs / round | seeds | commit |",
+             "|---|---|---|---|---|---|---|---|"]
     for row in rows:
         runs = [r for r in _runs(out, row, seeds) if r.accuracy(split, at_round=at_round) is not None]
         if not runs:
@@ -207,10 +220,13 @@ def table(rows: list[str], seeds: list[int], out: Path, split: str, at_round: in
         has_large = runs[0].headline() == "large"
         start = _cell([r.accuracy(split, "large", 0) for r in runs]) if has_large else "–"
         large = _cell([r.accuracy(split, at_round=at_round) for r in runs]) if has_large else "–"
+        chosen = [r.validation_selected(at_round) for r in runs] if has_large and split == "test" else []
+        selected = (f"{_cell([c[1] for c in chosen if c])} (rounds {', '.join(str(c[0]) for c in chosen if c)})"
+                    if any(chosen) else "–")
         small = ", ".join(f"{m[6:]} {_cell([r.accuracy(split, m, at_round) for r in runs])}" for m in runs[0].small_models())
         flops = statistics.mean(r.client_flops_per_round(at_round) for r in runs) / 1e12
         commits = ", ".join(sorted({r.commit or "?" for r in runs}))
-        lines.append(f"| {row} | {start} | {large} | {small or '–'} | {flops:.3f} | {len(runs)} | {commits} |")
+        lines.append(f"| {row} | {start} | {large} | {selected} | {small or '–'} | {flops:.3f} | {len(runs)} | {commits} |")
     return "\n".join(lines)
 
 
