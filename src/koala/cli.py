@@ -104,14 +104,15 @@ def _footprint(args: argparse.Namespace) -> None:
     from koala.accounting.footprint import measure_footprint
 
     spec = _input_spec(args.input, args.classes)
+    layout = "the contiguous layout" if args.contiguous else "each model's own layout"
     print(f"one client's training in a fresh process: {args.samples} random {args.input} images, one epoch, "
-          f"{args.threads} thread(s)")
+          f"{args.threads} thread(s), {layout}")
     print("| model | batch | peak RSS (MB) | idle with the data (MB) | training adds (MB) | estimate (MB) "
           "| adds / estimate | ms per sample |")
     print("|---|---:|---:|---:|---:|---:|---:|---:|")
     for model in args.model:
         for batch_size in args.batch_size:
-            f = measure_footprint(model, spec, batch_size, args.threads, args.samples)
+            f = measure_footprint(model, spec, batch_size, args.threads, args.samples, args.contiguous)
             print(f"| {f.model} | {f.batch_size} | {f.training_peak_mb:.1f} | {f.idle_peak_mb:.1f} | {f.increase_mb:.1f} "
                   f"| {f.estimate_mb:.1f} | {f.increase_mb / f.estimate_mb:.2f} | {1000 * f.seconds_per_sample:.3f} |",
                   flush=True)
@@ -196,6 +197,8 @@ def build_parser() -> argparse.ArgumentParser:
     footprint.add_argument("--classes", type=int, default=10)
     footprint.add_argument("--batch-size", type=int, nargs="+", default=[64], help="one or more client batch sizes")
     footprint.add_argument("--threads", type=int, default=1, help="torch threads of the client process (default 1)")
+    footprint.add_argument("--contiguous", action="store_true",
+                           help="train in the contiguous layout even where the model's own is channels_last (to compare)")
     footprint.add_argument("--samples", type=int, default=2000, help="the client's examples (default 2000)")
     footprint.set_defaults(handler=_footprint)
 

@@ -44,6 +44,8 @@ class Footprint:
     batch_size: int
     threads: int
     samples: int
+    contiguous: bool
+    """Trained in the contiguous layout even where the model's own is channels_last (to compare)."""
     idle_peak_mb: float
     """Peak resident memory of the process holding the data and the model, before training."""
     training_peak_mb: float
@@ -84,14 +86,17 @@ def reset_peak_resident() -> bool:
     return True
 
 
-def measure_here(model: str, spec: InputSpec, batch_size: int, threads: int, samples: int) -> Footprint:
+def measure_here(model: str, spec: InputSpec, batch_size: int, threads: int, samples: int,
+                 contiguous: bool = False) -> Footprint:
     """Train `model` for one epoch on `samples` random images in this process and measure it (call it
-    in a fresh process: `measure_footprint` does)."""
+    in a fresh process: `measure_footprint` does); `contiguous` overrides the model's memory format."""
     torch.set_num_threads(threads)
     generator = torch.Generator().manual_seed(0)
     data = ImageSplit(torch.randn(samples, spec.channels, spec.image_size, spec.image_size, generator=generator),
                       torch.randint(0, spec.num_classes, (samples,), generator=generator))
     network = instantiate(model, spec, initial_state(model, spec, 0), "cpu")
+    if contiguous:
+        network = network.to(memory_format=torch.contiguous_format)
     reset_peak_resident()
     idle = peak_resident_mb()
     settings = OptimizerConfig(epochs=1, batch_size=batch_size, lr=0.01, momentum=0.9)
@@ -100,16 +105,19 @@ def measure_here(model: str, spec: InputSpec, batch_size: int, threads: int, sam
     train_supervised(network, data, settings, seed=0)
     seconds = time.perf_counter() - start
     estimate = measure_model(model, spec, batch_size, momentum=True).train_memory_bytes / MB
-    return Footprint(model, batch_size, threads, samples, idle, peak_resident_mb(), seconds / samples, estimate)
+    return Footprint(model, batch_size, threads, samples, contiguous, idle, peak_resident_mb(), seconds / samples,
+                     estimate)
 
 
-def measure_footprint(model: str, spec: InputSpec, batch_size: int, threads: int, samples: int) -> Footprint:
+def measure_footprint(model: str, spec: InputSpec, batch_size: int, threads: int, samples: int,
+                      contiguous: bool = False) -> Footprint:
     """`measure_here` in a fresh Python process, so that the peak is the client's alone."""
     model_entry(model)  # an unknown name fails here, with the known ones listed
     if batch_size < 2 or samples < batch_size:
         raise ConfigError(f"--batch-size must be at least 2 and at most --samples (got {batch_size} and {samples})")
     command = [sys.executable, "-m", "koala.accounting.footprint", model,
-               f"{spec.channels},{spec.image_size},{spec.num_classes}", str(batch_size), str(threads), str(samples)]
+               f"{spec.channels},{spec.image_size},{spec.num_classes}", str(batch_size), str(threads), str(samples),
+               *(["--contiguous"] if contiguous else [])]
     done = subprocess.run(command, capture_output=True, text=True, timeout=3600)
     if done.returncode != 0:
         raise ConfigError(f"the footprint process failed: {done.stderr.strip().splitlines()[-1] if done.stderr else done.returncode}")
@@ -123,9 +131,11 @@ def _worker() -> None:
     parser.add_argument("batch_size", type=int)
     parser.add_argument("threads", type=int)
     parser.add_argument("samples", type=int)
+    parser.add_argument("--contiguous", action="store_true")
     args = parser.parse_args()
     channels, size, classes = (int(x) for x in args.spec.split(","))
-    footprint = measure_here(args.model, InputSpec(channels, size, classes), args.batch_size, args.threads, args.samples)
+    footprint = measure_here(args.model, InputSpec(channels, size, classes), args.batch_size, args.threads, args.samples,
+                             args.contiguous)
     print(json.dumps(asdict(footprint)))
 
 
