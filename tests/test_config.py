@@ -30,21 +30,27 @@ def test_shipped_configs_run_a_round_as_their_method(path: Path, tmp_path: Path)
     # each shipped config, on digits with LeNets for speed, runs its method for one round: every
     # lever it sets is accepted by a real run, and the run is the method and mode it says it is
     config = load_config(path)
-    small = "['lenet','mobilenetv3-small']" if config.models.heterogeneous else "['lenet']"
+    # a config of device classes plans its models from the budgets (tests/test_devices.py): here each
+    # class gets the one candidate, a LeNet
+    planned = bool(config.devices)
+    small = "['lenet','mobilenetv3-small']" if config.models.heterogeneous and not planned else "['lenet']"
+    capability = ["models.capability=['lenet']"] if config.models.capability else []
     labelled = ["data.proxy-labelled=100"] if config.data.proxy_labelled else []
     overrides = [*DIGITS, "data.num-clients=4", "data.proxy-fraction=0.2", "data.proxy-size=0", "data.client-size=0",
-                 "data.validation-size=0", "models.large='lenet'", f"models.small={small}", "rounds=1",
+                 "data.validation-size=0", "models.large='lenet'", f"models.small={small}", *capability, "rounds=1",
                  "large-init.pretrain.epochs=1", "device='cpu'", *labelled]
     result = run_local(load_config(path, overrides), tmp_path / "run", echo=lambda _: None)
     summary = result.summary
     assert summary["algorithm"] == config.algorithm and summary["rounds"] == 1
-    expected_mode = "heterogeneous" if config.models.heterogeneous and config.algorithm != "fedavg-large" else "homogeneous"
+    expected_mode = ("heterogeneous" if config.models.heterogeneous and not planned and config.algorithm != "fedavg-large"
+                     else "homogeneous")
     assert summary["mode"] == expected_mode
     line = result.metrics[1]
     distils = config.algorithm in ("koala", "feddf")
     assert ("reverse-loss" in line) == distils
     assert any(k.startswith("forward-loss:") for k in line) == (config.algorithm == "koala")
     assert (line["clients"] == 0) == (config.algorithm == "centralised")
+    assert [plan["class"] for plan in summary.get("devices", [])] == [d.name for d in config.devices]
 
 
 def test_shipped_configs_exist() -> None:
