@@ -14,7 +14,7 @@ FLOWER_ENTRY_POINTS = {"koala.engine.flower.server_app", "koala.engine.flower.si
 Flower engine, as the CLI joins the run layer and the local engine."""
 MATHS = ["koala.training", "koala.vectorised", "koala.distill", "koala.aggregate", "koala.augment", "koala.weights",
          "koala.accounting", "koala.state", "koala.sampling", "koala.seeding", "koala.config", "koala.device",
-         "koala.privacy"]
+         "koala.privacy", "koala.dp_sgd"]
 ABOVE_ALGORITHMS = ["koala.algorithms", "koala.engine", "koala.run", "koala.cli", "koala.report"]
 
 

@@ -259,10 +259,21 @@ class PrivacyConfig(_Section):
     target_epsilon: float = Field(0.0, ge=0, description="solve sigma for this epsilon after all rounds (0 = give sigma)")
     delta: float = Field(0.0, ge=0, lt=1, description="the guarantee's delta (0 = one tenth of 1 / data.num-clients)")
     accountant: Literal["rdp", "pld"] = Field("rdp", description="dp-accounting's accountant: Renyi DP or privacy loss distributions")
+    sample_noise_multiplier: float = Field(
+        0.0, ge=0, description="DP-SGD on every client (Opacus): the per-sample gradients' noise over their clip (0 = off)"
+    )
+    sample_max_grad_norm: float = Field(1.0, gt=0, description="DP-SGD: each example's gradient is clipped to this L2 norm")
+    sample_delta: float = Field(1e-5, gt=0, lt=1, description="DP-SGD: the delta of the per-example guarantee")
 
     @property
     def enabled(self) -> bool:
+        """Whether the uploads are private (user-level DP-FedAvg)."""
         return self.noise_multiplier > 0 or self.target_epsilon > 0
+
+    @property
+    def sample_level(self) -> bool:
+        """Whether the clients train with DP-SGD (sample-level DP)."""
+        return self.sample_noise_multiplier > 0
 
 
 class FlowerConfig(_Section):
@@ -325,6 +336,8 @@ class ExperimentConfig(_Section):
             _check_device_classes(self)
         if self.privacy.enabled:
             _check_privacy(self)
+        if self.privacy.sample_level:
+            _check_dp_sgd(self)
         if self.large_init.kind == "pretrain" and self.data.proxy_labelled == 0:
             raise ValueError(
                 "large-init.kind = 'pretrain' needs a labelled server set: set data.proxy-labelled "
@@ -369,6 +382,23 @@ def _check_privacy(config: ExperimentConfig) -> None:
                 else "distill.teacher = 'ensemble' distils each client's own model")
         raise ValueError(f"privacy: {what}, which the noise on the architectures' sums does not protect; "
                          "use distill.teacher = 'averaged' with algorithm koala, fedavg-small or fedavg-large")
+
+
+def _check_dp_sgd(config: ExperimentConfig) -> None:
+    """DP-SGD trains each client on its own, with a constant learning rate."""
+    if config.algorithm == "centralised":
+        raise ValueError("privacy.sample-noise-multiplier: algorithm = 'centralised' has no clients to train with DP-SGD")
+    if config.client.vectorised:
+        raise ValueError("privacy.sample-noise-multiplier: DP-SGD trains one client at a time (Opacus's per-sample "
+                         "gradients); set client.vectorised = false")
+    if config.client.lr_schedule != "constant":
+        raise ValueError("privacy.sample-noise-multiplier: DP-SGD runs at a constant learning rate; set "
+                         "client.lr-schedule = 'constant'")
+    smallest = config.data.min_client_size
+    if smallest and config.privacy.sample_delta >= 1 / smallest:
+        raise ValueError(f"privacy.sample-delta = {config.privacy.sample_delta:g} is not below 1 / data.min-client-size "
+                         f"= {1 / smallest:g}: a guarantee that may fail for one example in a client's data protects "
+                         "none of them; lower it")
 
 
 def _format_location(loc: tuple[Any, ...]) -> str:

@@ -65,7 +65,7 @@ class PrivacySettings:
         if rounds == 0:
             return 0.0
         accountant = _accountant(self.accountant, self.sampling)
-        with _quiet_absl():
+        with quiet_absl():
             accountant.compose(self.event(rounds))
             return float(accountant.get_epsilon(self.delta))
 
@@ -89,7 +89,7 @@ def _accountant(name: str, sampling: str) -> Any:
     return rdp_privacy_accountant.RdpAccountant(neighboring_relation=relation)
 
 
-class _quiet_absl:
+class quiet_absl:
     """dp-accounting logs through absl when an RDP order fails to converge and is left out (the
     epsilon is then computed from the others): the run's own output is not the place for it."""
 
@@ -133,7 +133,7 @@ def solve_noise_multiplier(settings: PrivacySettings, target_epsilon: float, rou
         return _with_noise(settings, sigma).event(rounds)
 
     try:
-        with _quiet_absl():
+        with quiet_absl():
             return float(mechanism_calibration.calibrate_dp_mechanism(
                 lambda: _accountant(settings.accountant, settings.sampling), event, target_epsilon, settings.delta,
                 mechanism_calibration.ExplicitBracketInterval(0.05, 500.0), tol=1e-4,

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from koala.config import ExperimentConfig
 from koala.data.dataset import ImageSplit
+from koala.dp_sgd import train_dp_sgd
 from koala.models import InputSpec
 from koala.seeding import derive_seed
 from koala.state import ClientTask, ClientUpdate, StateDict
@@ -18,13 +19,17 @@ def client_seed(config: ExperimentConfig, round_number: int, client_id: int) -> 
 
 
 def local_train(task: ClientTask, data: ImageSplit, config: ExperimentConfig, spec: InputSpec, seed: int) -> ClientUpdate:
-    """A client's round: train the received model on its private data with cross-entropy.
+    """A client's round: train the received model on its private data with cross-entropy (with
+    DP-SGD under `privacy.sample-noise-multiplier`).
 
     A pure function of (task, data, settings, seed): the same inputs give the same update, wherever
     it runs. The model lives on the device the data is on.
     """
     model = instantiate(task.architecture, spec, task.state, data.images.device)
-    outcome = train_supervised(model, data, config.client, seed)
+    if config.privacy.sample_level:
+        outcome = train_dp_sgd(model, data, config.client, config.privacy, seed)
+    else:
+        outcome = train_supervised(model, data, config.client, seed)
     return client_update(task, module_state(model), len(data), outcome)
 
 

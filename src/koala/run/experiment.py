@@ -12,6 +12,7 @@ from koala.algorithms import Algorithm, ServerData, algorithm_class, make_algori
 from koala.config import ExperimentConfig
 from koala.data.federated import FederatedSplit, load_federated_split
 from koala.device import resolve_device
+from koala.dp_sgd import check_dp_sgd
 from koala.models import InputSpec
 
 
@@ -59,4 +60,6 @@ def prepare_experiment(config: ExperimentConfig) -> Experiment:
                              tuple(split.client_sizes()))
     algorithm = make_algorithm(config, spec, server_data, device)
     costs = CostTable(spec, config.client.batch_size, momentum=config.client.momentum > 0)
-    return Experiment(config, split, spec, algorithm, device, costs)
+    experiment = Experiment(config, split, spec, algorithm, device, costs)
+    check_dp_sgd(config, experiment.client_architectures().values(), spec)
+    return experiment

@@ -22,8 +22,11 @@ def format_progress(line: dict[str, Any], total_rounds: int, elapsed: float | No
                 parts.append(f"{key} {len(line[key])}")
         if line["train-loss"] is not None:
             parts.append(f"train-loss {line['train-loss']:.3f}")
-        if "privacy" in line:
-            parts.append(f"epsilon {line['privacy']['epsilon']:.3g} (delta {line['privacy']['delta']:.2g})")
+        privacy = line.get("privacy", {})
+        if "epsilon" in privacy:
+            parts.append(f"epsilon {privacy['epsilon']:.3g} (delta {privacy['delta']:.2g})")
+        if "sample-epsilon" in privacy:
+            parts.append(f"DP-SGD epsilon {privacy['sample-epsilon']:.3g}")
         parts.append(f"{line['time-round']:.1f} s")
         if "skipped" in line:
             parts.append("SKIPPED: " + line["skipped"])
