@@ -76,19 +76,25 @@ def test_early_stopping_stops_after_patience_epochs_without_gain_and_restores_th
     assert model.weight.item() == 2.0
 
 
-def test_distillation_with_a_holdout_stops_early_and_never_ends_worse_than_it_started() -> None:
-    # Random teacher targets on random images: the student can only memorise, so the held-out KD
-    # loss soon stops falling and training stops long before its 40 epochs.
-    from koala.config import DistillOptimizerConfig
-    from koala.distill import kd_loss
+def _memorisation_problem() -> tuple[torch.Tensor, torch.Tensor, torch.nn.Module]:
+    """Random teacher targets on 200 random images and a fresh LeNet student: it can only memorise,
+    so a held-out KD loss soon stops falling."""
     from koala.models import InputSpec, build_model
-    from koala.training import train_distill
 
     g = torch.Generator().manual_seed(0)
     inputs = torch.randn(200, 1, 8, 8, generator=g)
     teacher = torch.softmax(3 * torch.randn(200, 10, generator=g), -1)
     torch.manual_seed(0)
-    student = build_model("lenet", InputSpec(1, 8, 10))
+    return inputs, teacher, build_model("lenet", InputSpec(1, 8, 10))
+
+
+def test_distillation_with_a_holdout_stops_early_and_never_ends_worse_than_it_started() -> None:
+    # the held-out KD loss soon stops falling, and training stops long before its 40 epochs
+    from koala.config import DistillOptimizerConfig
+    from koala.distill import kd_loss
+    from koala.training import train_distill
+
+    inputs, teacher, student = _memorisation_problem()
     held = torch.randperm(200, generator=torch.Generator().manual_seed(derive_seed(3, "holdout")))[:50]
 
     def held_out_loss() -> float:
@@ -138,11 +144,7 @@ def test_distillation_with_a_holdout_counts_its_checks_and_keeps_the_best_moment
     from koala.models import InputSpec, build_model
     from koala.training import train_distill
 
-    g = torch.Generator().manual_seed(0)
-    inputs = torch.randn(200, 1, 8, 8, generator=g)
-    teacher = torch.softmax(3 * torch.randn(200, 10, generator=g), -1)
-    torch.manual_seed(0)
-    student = build_model("lenet", InputSpec(1, 8, 10))
+    inputs, teacher, student = _memorisation_problem()
     carried = {name: torch.zeros_like(p) for name, p in student.named_parameters()}
     settings = DistillOptimizerConfig(epochs=40, batch_size=20, lr=0.1, holdout_fraction=0.25, patience=2)
     outcome = train_distill(student, inputs, teacher, Distillation(1.0), settings, seed=3, momentum=carried)
