@@ -107,6 +107,9 @@ ROWS: dict[str, Row] = {
     **{f"koala labelled={n}": _koala(f"data.proxy-labelled={n}", group="labelled") for n in (100, 5000)},
     # local epochs, reverse-distillation epochs (with CE)
     **{f"koala epochs={e}": _koala(f"client.epochs={e}", group="epochs") for e in (2, 5)},
+    # and around the shipped recipe (with the initial forward distillation)
+    **{f"koala +initial-forward epochs={e}": _koala("distill.initial-forward-epochs=10", f"client.epochs={e}",
+                                                    group="epochs") for e in (2, 5)},
     "koala reverse-epochs=3": _koala("distill.reverse.epochs=3", group="reverse-epochs"),
     # no labels during the rounds (the start pretrained on 1,000), with and without the label-free anchors
     "label-free": _koala(*LABEL_FREE, group="label-free"),
