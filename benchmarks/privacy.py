@@ -51,8 +51,8 @@ def run(methods: list[str], epsilons: list[str], seeds: list[int], out: Path) ->
 
 
 def table(out: Path) -> str:
-    """Markdown: per method and epsilon, the solved sigma, the large and small models' final test
-    accuracy (mean ± half the range over seeds) and the commit(s)."""
+    """Markdown: per method and epsilon, the solved sigma, the large model's start (round 0), the
+    large and small models' final test accuracy (mean ± half the range over seeds) and the commit(s)."""
     cells: dict[tuple[str, str], list[dict]] = {}
     for path in sorted(out.glob("*-eps*-seed*")):
         if not (path / SUMMARY_FILE).is_file():
@@ -61,11 +61,11 @@ def table(out: Path) -> str:
         epsilon = rest.split("-seed")[0]
         summary = json.loads((path / SUMMARY_FILE).read_text())
         sessions = json.loads((path / ENVIRONMENT_FILE).read_text())["sessions"]
-        last = read_metrics(path)[-1]["eval"]
-        cells.setdefault((method, epsilon), []).append(
-            {"summary": summary, "eval": last, "commit": sessions[0]["commit"][:7]})
-    lines = ["| method | target ε | σ | ε spent | large model | small model | seeds | commit |",
-             "|---|---|---|---|---|---|---|---|"]
+        metrics = read_metrics(path)
+        cells.setdefault((method, epsilon), []).append({"summary": summary, "start": metrics[0]["eval"],
+                                                        "eval": metrics[-1]["eval"], "commit": sessions[0]["commit"][:7]})
+    lines = ["| method | target ε | σ | ε spent | large model: start | large model | small model | seeds | commit |",
+             "|---|---|---|---|---|---|---|---|---|"]
 
     def cell(values: list[float]) -> str:
         if not values:
@@ -78,10 +78,11 @@ def table(out: Path) -> str:
         privacy = runs[0]["summary"].get("privacy", {})
         sigma = f"{privacy['noise-multiplier']:.3f}" if privacy else "0"
         spent = f"{privacy['epsilon']:.2f}" if privacy else "∞"
+        start = cell([r["start"]["large"]["accuracy"] for r in runs if "large" in r["eval"]])
         large = cell([r["eval"]["large"]["accuracy"] for r in runs if "large" in r["eval"]])
         small = cell([r["eval"]["small:lenet"]["accuracy"] for r in runs if "small:lenet" in r["eval"]])
         commits = ", ".join(sorted({r["commit"] for r in runs}))
-        lines.append(f"| {method} | {epsilon} | {sigma} | {spent} | {large} | {small} | {len(runs)} | {commits} |")
+        lines.append(f"| {method} | {epsilon} | {sigma} | {spent} | {start} | {large} | {small} | {len(runs)} | {commits} |")
     return "\n".join(lines)
 
 
