@@ -10,6 +10,7 @@ clients': KOALA's large model learns from the noised LeNet average and from it.
 
     python benchmarks/privacy.py run --methods koala fedavg-small --epsilons 1 4 8 inf --seeds 0 1 --out OUT
     python benchmarks/privacy.py run --methods fedavg-large --epsilons 1 inf --seeds 0 --out OUT
+    python benchmarks/privacy.py run --methods koala-server-only --epsilons inf --seeds 0 1 --out OUT
     python benchmarks/privacy.py table --out OUT
 
 One torch thread a run; a run directory is reused when its summary exists.
@@ -31,7 +32,11 @@ SETTING = ["data.num-clients=1000", "data.min-client-size=10", "client.participa
            "client.max-update-norm=0.2", "client.lr=0.05", "data.proxy-size=2000", "data.test-limit=2000",
            "data.validation-size=0", "rounds=15", "threads=1"]
 """1,000 clients (49 images each on average), 10 % of them each round, updates clipped to 0.2."""
-METHODS = {"koala": "koala-homogeneous", "fedavg-small": "fedavg-small", "fedavg-large": "fedavg-large"}
+METHODS = {"koala": "koala-homogeneous", "fedavg-small": "fedavg-small", "fedavg-large": "fedavg-large",
+           "koala-server-only": "koala-homogeneous"}
+"""koala-server-only is the control: KOALA whose clients do not train (client.epochs = 0), so what
+its large model gains is the server's own doing (CE on its labelled images, distillation on its proxy)."""
+EXTRA = {"koala-server-only": ["client.epochs=0"]}
 
 
 def run_dir(out: Path, method: str, epsilon: str, seed: int) -> Path:
@@ -46,7 +51,8 @@ def run(methods: list[str], epsilons: list[str], seeds: list[int], out: Path) ->
                 if (target / SUMMARY_FILE).is_file():
                     continue
                 private = [] if epsilon == "inf" else [f"privacy.target-epsilon={epsilon}"]
-                config = load_config(CONFIGS / f"{METHODS[method]}.toml", [*SETTING, *private, f"seed={seed}"])
+                overrides = [*SETTING, *EXTRA.get(method, []), *private, f"seed={seed}"]
+                config = load_config(CONFIGS / f"{METHODS[method]}.toml", overrides)
                 run_local(config, target)
 
 
