@@ -120,6 +120,9 @@ ROWS: dict[str, Row] = {
     **{f"koala {arch}": _koala(f"models.small=['{arch}']", group="ladder") for arch in LADDER if arch != "lenet"},
     **{f"koala lenet-narrow epochs={e}": _koala("models.small=['lenet-narrow']", f"client.epochs={e}", group="ladder")
        for e in (2, 5)},
+    # the ladder around the shipped recipe
+    **{f"koala +initial-forward {arch}": _koala("distill.initial-forward-epochs=10", f"models.small=['{arch}']",
+                                                group="ladder") for arch in LADDER if arch != "lenet"},
 }
 GROUPS = sorted({row.group for row in ROWS.values()})
 
