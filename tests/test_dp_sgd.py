@@ -91,15 +91,16 @@ def test_sample_epsilon_is_dp_accountings_own_for_the_smallest_client() -> None:
 
 
 def test_a_dp_sgd_run_learns_reports_epsilon_every_round_and_is_reproducible(tmp_path: Path) -> None:
-    runs = [run_local(load_config(BASE, [*DP_SGD, "rounds=3"]), tmp_path / name, echo=lambda _: None) for name in "ab"]
+    runs = [run_local(load_config(BASE, [*DP_SGD, "rounds=5"]), tmp_path / name, echo=lambda _: None) for name in "ab"]
     lines = runs[0].metrics
     epsilons = [line["privacy"]["sample-epsilon"] for line in lines[1:]]
     assert epsilons == sorted(epsilons) and epsilons[0] > 0
     smallest = min(prepare_experiment(load_config(BASE, DP_SGD)).split.client_sizes())
     config = load_config(BASE, DP_SGD)
-    assert epsilons[-1] == pytest.approx(sample_epsilon(config.privacy, config.client, [smallest], 3), abs=1e-6)
+    assert epsilons[-1] == pytest.approx(sample_epsilon(config.privacy, config.client, [smallest], 5), abs=1e-6)
     assert runs[0].summary["sample-privacy"]["epsilon"] == pytest.approx(epsilons[-1])
-    assert lines[-1]["eval"]["small:lenet"]["accuracy"] > 0.2  # chance is 0.1
+    assert lines[-1]["eval"]["small:lenet"]["accuracy"] > 0.3  # chance is 0.1; 0.48 measured
+    assert lines[-1]["train-loss"] < lines[1]["train-loss"] - 0.2
     assert [line["eval"] for line in lines] == [line["eval"] for line in runs[1].metrics]
 
 
