@@ -4,6 +4,7 @@ figures a real run writes (checked against a real FedAvg-large run on the same c
 from __future__ import annotations
 
 import json
+import time
 from pathlib import Path
 
 import pytest
@@ -175,6 +176,18 @@ def test_pretraining_is_counted_as_server_work(tmp_path: Path) -> None:
     result = run_local(load_config(None, overrides), tmp_path / "run", echo=lambda _: None)
     large = json.loads((tmp_path / "run" / "resources.json").read_text())["architectures"]["mobilenetv3-small"]
     assert result.metrics[0]["resources"]["server-flops"] == 2 * 100 * large["train-flops-per-sample"]
+
+
+def test_where_the_high_water_mark_cannot_be_reset_a_sampler_sees_what_a_block_allocates() -> None:
+    from koala.accounting.footprint import ResidentSampler, current_resident_mb
+
+    idle = current_resident_mb()
+    with ResidentSampler() as sampler:
+        block = bytearray(200_000_000)
+        block[::4096] = b"\x01" * len(block[::4096])  # touch every page, so that it is resident
+        time.sleep(0.05)
+        del block
+    assert sampler.peak_mb - idle > 150
 
 
 def test_the_measured_footprint_grows_with_the_batch_and_bounds_the_estimate_from_above(capsys) -> None:

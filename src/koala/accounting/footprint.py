@@ -8,17 +8,21 @@ The measurement runs in a child process (`python -m koala.accounting.footprint`)
 caller allocated counts: peak resident memory is a property of a whole process. On Linux the child
 also resets its high-water mark once the data and the model are in place, so that a transient peak
 while importing (some machines' thread pools and allocators reach hundreds of MB there) does not
-hide what training adds.
+hide what training adds; where it cannot, a background thread samples the resident memory during
+training instead.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
+import os
 import re
 import resource
 import subprocess
 import sys
+import threading
 import time
 from dataclasses import asdict, dataclass
 
@@ -86,6 +90,38 @@ def reset_peak_resident() -> bool:
     return True
 
 
+def current_resident_mb() -> float:
+    """This process's resident memory now, in MB (Linux's /proc/self/statm); elsewhere its peak."""
+    try:
+        with open("/proc/self/statm") as statm:
+            return int(statm.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / MB
+    except (OSError, ValueError, IndexError):
+        return peak_resident_mb()
+
+
+class ResidentSampler:
+    """Where the high-water mark cannot be reset: the largest resident memory a background thread
+    sees every `interval` seconds while the block runs (a peak shorter than that may be missed)."""
+
+    def __init__(self, interval: float = 0.002) -> None:
+        self.peak_mb = current_resident_mb()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._sample, args=(interval,), daemon=True)
+
+    def _sample(self, interval: float) -> None:
+        while not self._stop.wait(interval):
+            self.peak_mb = max(self.peak_mb, current_resident_mb())
+
+    def __enter__(self) -> ResidentSampler:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join()
+        self.peak_mb = max(self.peak_mb, current_resident_mb())
+
+
 def measure_here(model: str, spec: InputSpec, batch_size: int, threads: int, samples: int,
                  contiguous: bool = False) -> Footprint:
     """Train `model` for one epoch on `samples` random images in this process and measure it (call it
@@ -97,16 +133,17 @@ def measure_here(model: str, spec: InputSpec, batch_size: int, threads: int, sam
     network = instantiate(model, spec, initial_state(model, spec, 0), "cpu")
     if contiguous:
         network = network.to(memory_format=torch.contiguous_format)
-    reset_peak_resident()
-    idle = peak_resident_mb()
+    exact = reset_peak_resident()  # else a sampler watches the resident memory during training
+    idle = peak_resident_mb() if exact else current_resident_mb()
     settings = OptimizerConfig(epochs=1, batch_size=batch_size, lr=0.01, momentum=0.9)
-    train_supervised(network, data.subset(torch.arange(batch_size)), settings, seed=1)  # warm-up: kernels, thread pools
-    start = time.perf_counter()
-    train_supervised(network, data, settings, seed=0)
-    seconds = time.perf_counter() - start
+    with contextlib.nullcontext() if exact else ResidentSampler() as sampler:
+        train_supervised(network, data.subset(torch.arange(batch_size)), settings, seed=1)  # warm-up: kernels, pools
+        start = time.perf_counter()
+        train_supervised(network, data, settings, seed=0)
+        seconds = time.perf_counter() - start
+    peak = peak_resident_mb() if exact else sampler.peak_mb
     estimate = measure_model(model, spec, batch_size, momentum=True).train_memory_bytes / MB
-    return Footprint(model, batch_size, threads, samples, contiguous, idle, peak_resident_mb(), seconds / samples,
-                     estimate)
+    return Footprint(model, batch_size, threads, samples, contiguous, idle, peak, seconds / samples, estimate)
 
 
 def measure_footprint(model: str, spec: InputSpec, batch_size: int, threads: int, samples: int,
