@@ -206,7 +206,7 @@ def _runs(out: Path, row: str, seeds: list[int]) -> list[RunRead]:
     return [run for seed in seeds if (run := RunRead.load(run_dir(out, row, seed))) is not None]
 
 
-def _cell(values: list[float]) -> str:
+def cell(values: list[float]) -> str:
     values = [v for v in values if v is not None]
     if not values:
         return "–"
@@ -231,12 +231,12 @@ def table(rows: list[str], seeds: list[int], out: Path, split: str, at_round: in
         if not runs:
             continue
         has_large = runs[0].headline() == "large"
-        start = _cell([r.accuracy(split, "large", 0) for r in runs]) if has_large else "–"
-        large = _cell([r.accuracy(split, at_round=at_round) for r in runs]) if has_large else "–"
+        start = cell([r.accuracy(split, "large", 0) for r in runs]) if has_large else "–"
+        large = cell([r.accuracy(split, at_round=at_round) for r in runs]) if has_large else "–"
         chosen = [r.validation_selected(at_round) for r in runs] if has_large and split == "test" else []
-        selected = (f"{_cell([c[1] for c in chosen if c])} (rounds {', '.join(str(c[0]) for c in chosen if c)})"
+        selected = (f"{cell([c[1] for c in chosen if c])} (rounds {', '.join(str(c[0]) for c in chosen if c)})"
                     if any(chosen) else "–")
-        small = ", ".join(f"{m[6:]} {_cell([r.accuracy(split, m, at_round) for r in runs])}" for m in runs[0].small_models())
+        small = ", ".join(f"{m[6:]} {cell([r.accuracy(split, m, at_round) for r in runs])}" for m in runs[0].small_models())
         flops = statistics.mean(r.client_flops_per_round(at_round) for r in runs) / 1e12
         commits = ", ".join(sorted({r.commit or "?" for r in runs}))
         lines.append(f"| {row} | {start} | {large} | {selected} | {small or '–'} | {flops:.3f} | {len(runs)} | {commits} |")

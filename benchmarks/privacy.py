@@ -19,13 +19,13 @@ One torch thread a run; a run directory is reused when its summary exists.
 from __future__ import annotations
 
 import argparse
-import json
-import statistics
 from pathlib import Path
+
+from fidelity import RunRead, cell  # the run reader and the mean ± spread cell of the fidelity tables
 
 from koala.config import load_config
 from koala.run.launch import run_local
-from koala.run.run_dir import ENVIRONMENT_FILE, SUMMARY_FILE, read_metrics
+from koala.run.run_dir import SUMMARY_FILE
 
 CONFIGS = Path(__file__).resolve().parent.parent / "configs"
 SETTING = ["data.num-clients=1000", "data.min-client-size=10", "client.participation=0.1", "client.sampling='poisson'",
@@ -59,35 +59,23 @@ def run(methods: list[str], epsilons: list[str], seeds: list[int], out: Path) ->
 def table(out: Path) -> str:
     """Markdown: per method and epsilon, the solved sigma, the large model's start (round 0), the
     large and small models' final test accuracy (mean ± half the range over seeds) and the commit(s)."""
-    cells: dict[tuple[str, str], list[dict]] = {}
+    cells: dict[tuple[str, str], list[RunRead]] = {}
     for path in sorted(out.glob("*-eps*-seed*")):
-        if not (path / SUMMARY_FILE).is_file():
-            continue
-        method, rest = path.name.rsplit("-eps", 1)
-        epsilon = rest.split("-seed")[0]
-        summary = json.loads((path / SUMMARY_FILE).read_text())
-        sessions = json.loads((path / ENVIRONMENT_FILE).read_text())["sessions"]
-        metrics = read_metrics(path)
-        cells.setdefault((method, epsilon), []).append({"summary": summary, "start": metrics[0]["eval"],
-                                                        "eval": metrics[-1]["eval"], "commit": sessions[0]["commit"][:7]})
+        if (run := RunRead.load(path)) is not None:
+            method, rest = path.name.rsplit("-eps", 1)
+            cells.setdefault((method, rest.split("-seed")[0]), []).append(run)
     lines = ["| method | target ε | σ | ε spent | large model: start | large model | small model | seeds | commit |",
              "|---|---|---|---|---|---|---|---|---|"]
-
-    def cell(values: list[float]) -> str:
-        if not values:
-            return "–"
-        mean = 100 * statistics.mean(values)
-        return f"{mean:.2f}" if len(values) == 1 else f"{mean:.2f} ± {100 * (max(values) - min(values)) / 2:.2f}"
-
     order = {"1": 0, "4": 1, "8": 2, "inf": 3}
     for (method, epsilon), runs in sorted(cells.items(), key=lambda item: (item[0][0], order.get(item[0][1], 9))):
-        privacy = runs[0]["summary"].get("privacy", {})
+        privacy = runs[0].summary.get("privacy", {})
         sigma = f"{privacy['noise-multiplier']:.3f}" if privacy else "0"
         spent = f"{privacy['epsilon']:.2f}" if privacy else "∞"
-        start = cell([r["start"]["large"]["accuracy"] for r in runs if "large" in r["eval"]])
-        large = cell([r["eval"]["large"]["accuracy"] for r in runs if "large" in r["eval"]])
-        small = cell([r["eval"]["small:lenet"]["accuracy"] for r in runs if "small:lenet" in r["eval"]])
-        commits = ", ".join(sorted({r["commit"] for r in runs}))
+        has_large = runs[0].headline() == "large"
+        start = cell([r.accuracy("test", "large", 0) for r in runs]) if has_large else "–"
+        large = cell([r.accuracy("test", "large") for r in runs]) if has_large else "–"
+        small = cell([r.accuracy("test", "small:lenet") for r in runs]) if "small:lenet" in runs[0].small_models() else "–"
+        commits = ", ".join(sorted({r.commit or "?" for r in runs}))
         lines.append(f"| {method} | {epsilon} | {sigma} | {spent} | {start} | {large} | {small} | {len(runs)} | {commits} |")
     return "\n".join(lines)
 
