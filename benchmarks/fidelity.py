@@ -64,6 +64,11 @@ def _koala(*overrides: str, group: str, rounds: int = ROUNDS) -> Row:
     return Row("koala-homogeneous", [*ISSUE_7_RECIPE, *overrides], rounds, group)
 
 
+def _shipped(*overrides: str, group: str) -> Row:
+    """A row one dimension away from the recipe configs/koala-homogeneous.toml ships (row `koala +initial-forward`)."""
+    return _koala("distill.initial-forward-epochs=10", *overrides, group=group)
+
+
 LABEL_FREE = ["distill.reverse-ce-weight=0.0"]
 """The shipped recipe without labels during the rounds (the start stays pretrained on 1,000)."""
 ANCHORS = {
@@ -107,10 +112,14 @@ ROWS: dict[str, Row] = {
     **{f"koala labelled={n}": _koala(f"data.proxy-labelled={n}", group="labelled") for n in (100, 5000)},
     # local epochs, reverse-distillation epochs (with CE)
     **{f"koala epochs={e}": _koala(f"client.epochs={e}", group="epochs") for e in (2, 5)},
-    # and around the shipped recipe (with the initial forward distillation)
-    **{f"koala +initial-forward epochs={e}": _koala("distill.initial-forward-epochs=10", f"client.epochs={e}",
-                                                    group="epochs") for e in (2, 5)},
     "koala reverse-epochs=3": _koala("distill.reverse.epochs=3", group="reverse-epochs"),
+    # the same dimensions around the shipped recipe (with the initial forward distillation)
+    **{f"koala +initial-forward epochs={e}": _shipped(f"client.epochs={e}", group="epochs") for e in (2, 5)},
+    **{f"koala +initial-forward proxy={n}": _shipped(f"data.proxy-size={n}", "data.client-size=30000", group="proxy")
+       for n in (1200, 6000, 12000, 24000)},
+    **{f"koala +initial-forward labelled={n}": _shipped(f"data.proxy-labelled={n}", group="labelled")
+       for n in (100, 5000)},
+    "koala +initial-forward reverse-epochs=3": _shipped("distill.reverse.epochs=3", group="reverse-epochs"),
     # no labels during the rounds (the start pretrained on 1,000), with and without the label-free anchors
     "label-free": _koala(*LABEL_FREE, group="label-free"),
     **{f"label-free {name}": _koala(*LABEL_FREE, *overrides, group="label-free") for name, overrides in ANCHORS.items()},
@@ -121,8 +130,8 @@ ROWS: dict[str, Row] = {
     **{f"koala lenet-narrow epochs={e}": _koala("models.small=['lenet-narrow']", f"client.epochs={e}", group="ladder")
        for e in (2, 5)},
     # the ladder around the shipped recipe
-    **{f"koala +initial-forward {arch}": _koala("distill.initial-forward-epochs=10", f"models.small=['{arch}']",
-                                                group="ladder") for arch in LADDER if arch != "lenet"},
+    **{f"koala +initial-forward {arch}": _shipped(f"models.small=['{arch}']", group="ladder")
+       for arch in LADDER if arch != "lenet"},
 }
 GROUPS = sorted({row.group for row in ROWS.values()})
 
@@ -247,7 +256,8 @@ def select(group: str, seeds: list[int], out: Path, at_round: int) -> str:
     """The group's rows (and the reference) ranked by the validation accuracy of their headline model."""
     rows = [name for name, row in ROWS.items() if row.group == group]
     if group not in ("fedavg-large-lr", "fedavg-small", "label-free"):
-        rows.insert(0, "koala")  # the reference, which every other group moves one dimension away from
+        # the references that the group's rows move one dimension away from
+        rows[:0] = [name for name in ("koala", "koala +initial-forward") if name not in rows]
     ranked = []
     for row in rows:
         runs = _runs(out, row, seeds)
