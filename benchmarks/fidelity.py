@@ -12,7 +12,7 @@ configs/koala-homogeneous.toml now ships, is row `koala +initial-forward`.
     python benchmarks/fidelity.py select --group distill-lr --out OUT        # validation only
     python benchmarks/fidelity.py table --group proxy --seeds 0 1 --out OUT  # test split, for RESULTS
     python benchmarks/fidelity.py frontier --out OUT --plot benchmarks/figures/frontier.png
-    python benchmarks/fidelity.py by-round --rows koala "fedavg-large lr=0.01" --out OUT --plot PNG
+    python benchmarks/fidelity.py by-round --rows koala "fedavg-large lr=0.01" --out OUT [--plot PNG]
 
 Runs are one torch thread each (`threads=1`); start several processes with disjoint rows to use
 more cores. A row's run directory is reused when its summary exists.
@@ -189,15 +189,19 @@ class RunRead:
             return None
         return evaluated[-1][key][model]["accuracy"]
 
-    def validation_selected(self, at_round: int) -> tuple[int, float] | None:
-        """The round (1 to `at_round`) whose headline model did best on the validation split, and its
-        test accuracy: what a user who keeps the best model on held-out data ends with."""
+    def best_validation_round(self, at_round: int) -> dict[str, Any] | None:
+        """The metrics line of the round (1 to `at_round`) whose headline model did best on the
+        validation split; None when the run has not reached `at_round`."""
         validated = [line for line in self.lines if "eval-validation" in line and 0 < line["round"] <= at_round]
         if not validated or validated[-1]["round"] != at_round:
             return None
-        model = self.headline()
-        best = max(validated, key=lambda line: line["eval-validation"][model]["accuracy"])
-        return best["round"], best["eval"][model]["accuracy"]
+        return max(validated, key=lambda line: line["eval-validation"][self.headline()]["accuracy"])
+
+    def validation_selected(self, at_round: int) -> tuple[int, float] | None:
+        """The best validation round (`best_validation_round`) and its test accuracy: what a user who
+        keeps the best model on held-out data ends with."""
+        best = self.best_validation_round(at_round)
+        return None if best is None else (best["round"], best["eval"][self.headline()]["accuracy"])
 
     def by_round(self, split: str, model: str | None = None) -> list[tuple[int, float]]:
         key = "eval" if split == "test" else "eval-validation"
@@ -262,7 +266,8 @@ def select(group: str, seeds: list[int], out: Path, at_round: int) -> str:
     for row in rows:
         runs = _runs(out, row, seeds)
         value = _mean([r.accuracy("validation", at_round=at_round) for r in runs])
-        best = _mean([max((a for n, a in r.by_round("validation") if 0 < n <= at_round), default=None) for r in runs])
+        best = _mean([line["eval-validation"][r.headline()]["accuracy"] if (line := r.best_validation_round(at_round))
+                      else None for r in runs])
         if value is not None:
             ranked.append((value, best, row))
     ranked.sort(reverse=True)
@@ -270,24 +275,55 @@ def select(group: str, seeds: list[int], out: Path, at_round: int) -> str:
                      [f"{100 * value:.2f}  {100 * best:.2f}  {row}" for value, best, row in ranked])
 
 
-def by_round_plot(rows: list[str], seeds: list[int], out: Path, split: str, path: Path) -> None:
-    fig, ax = plt.subplots(figsize=(9, 6))
+def _mean_curves(rows: list[str], seeds: list[int], out: Path, split: str) -> dict[str, list[tuple[int, float, float, float]]]:
+    """Per row with runs: (round, mean, lowest, highest) of its headline model's accuracy in %, over
+    the rounds every seed reached."""
+    curves = {}
     for row in rows:
         runs = _runs(out, row, seeds)
         if not runs:
             continue
-        curves = [dict(r.by_round(split)) for r in runs]
-        rounds = sorted(set.intersection(*(set(c) for c in curves)))
-        mean = [100 * statistics.mean(c[r] for c in curves) for r in rounds]
-        low = [100 * min(c[r] for c in curves) for r in rounds]
-        high = [100 * max(c[r] for c in curves) for r in rounds]
-        style = "-" if runs[0].headline() == "large" else "--"
-        (line,) = ax.plot(rounds, mean, style, marker="o", markersize=2, label=f"{row} ({runs[0].headline()})")
+        by_seed = [dict(r.by_round(split)) for r in runs]
+        rounds = sorted(set.intersection(*(set(c) for c in by_seed)))
+        curves[f"{row} ({runs[0].headline()})"] = [
+            (n, 100 * statistics.mean(c[n] for c in by_seed), 100 * min(c[n] for c in by_seed), 100 * max(c[n] for c in by_seed))
+            for n in rounds]
+    return curves
+
+
+def by_round_table(rows: list[str], seeds: list[int], out: Path, split: str) -> str:
+    """Markdown: each row's headline accuracy by round, the mean over seeds (lowest–highest where
+    there are several)."""
+    curves = _mean_curves(rows, seeds, out, split)
+    rounds = sorted({n for curve in curves.values() for n, *_ in curve})
+    lines = [f"| round | {' | '.join(curves)} |", "|---" * (len(curves) + 1) + "|"]
+    for n in rounds:
+        cells = []
+        for curve in curves.values():
+            point = next((p for p in curve if p[0] == n), None)
+            cells.append("–" if point is None else f"{point[1]:.2f}" if point[2] == point[3] else
+                         f"{point[1]:.2f} ({point[2]:.2f}–{point[3]:.2f})")
+        lines.append(f"| {n} | {' | '.join(cells)} |")
+    return "\n".join(lines)
+
+
+def by_round_plot(rows: list[str], seeds: list[int], out: Path, split: str, path: Path) -> None:
+    fig, ax = plt.subplots(figsize=(9, 6))
+    for label, curve in _mean_curves(rows, seeds, out, split).items():
+        rounds, mean, low, high = zip(*curve, strict=True)
+        (line,) = ax.plot(rounds, mean, "-" if label.endswith("(large)") else "--", marker="o", markersize=2, label=label)
         ax.fill_between(rounds, low, high, color=line.get_color(), alpha=0.15)
     ax.set(xlabel="round", ylabel=f"{split} accuracy (%)", title="Accuracy by round (mean over seeds, range shaded)")
     ax.grid(True, alpha=0.3)
     ax.legend(fontsize=7, loc="lower right")
     save_figure(fig, path)
+
+
+def by_round(rows: list[str], seeds: list[int], out: Path, split: str, plot: Path | None) -> None:
+    """Print the by-round table; draw it too where a plot path is given."""
+    print(by_round_table(rows, seeds, out, split))
+    if plot is not None:
+        by_round_plot(rows, seeds, out, split, plot)
 
 
 def frontier(seeds: list[int], out: Path, split: str, at_round: int, plot: Path | None) -> str:
@@ -355,7 +391,7 @@ def main() -> None:
         "table": lambda: print(table(rows, args.seeds, args.out, args.split, args.at_round)),
         "select": lambda: print(select(args.group, args.seeds, args.out, args.at_round)),
         "frontier": lambda: print(frontier(args.seeds, args.out, args.split, args.at_round, args.plot)),
-        "by-round": lambda: by_round_plot(rows, args.seeds, args.out, args.split, args.plot),
+        "by-round": lambda: by_round(rows, args.seeds, args.out, args.split, args.plot),
         "rows": lambda: print("\n".join(f"{name}  [{row.group}] {row.config} {' '.join(row.overrides)} "
                                         f"rounds={row.rounds}" for name, row in ROWS.items())),
     }
