@@ -205,7 +205,7 @@ def test_the_measured_footprint_grows_with_the_batch_and_bounds_the_estimate_fro
 
     assert main(["footprint", "--model", "lenet", "--batch-size", "8", "--samples", "64"]) == 0
     table = capsys.readouterr().out
-    assert "| lenet | 8 |" in table and "lower bound" in table and "each model's own layout" in table
+    assert "| lenet | 8 | channels_last |" in table and "lower bound" in table and "each model's own layout" in table
     assert main(["footprint", "--model", "lenet", "--batch-size", "8", "--samples", "64", "--contiguous"]) == 0
-    assert "the contiguous layout" in capsys.readouterr().out
+    assert "| lenet | 8 | contiguous |" in capsys.readouterr().out  # read from the trained weights
     assert main(["footprint", "--model", "lenet", "--batch-size", "128", "--samples", "64"]) == 2

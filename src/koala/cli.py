@@ -107,13 +107,13 @@ def _footprint(args: argparse.Namespace) -> None:
     layout = "the contiguous layout" if args.contiguous else "each model's own layout"
     print(f"one client's training in a fresh process: {args.samples} random {args.input} images, one epoch, "
           f"{args.threads} thread(s), {layout}")
-    print("| model | batch | peak RSS (MB) | idle with the data (MB) | training adds (MB) | estimate (MB) "
+    print("| model | batch | layout | peak RSS (MB) | idle with the data (MB) | training adds (MB) | estimate (MB) "
           "| adds / estimate | ms per sample |")
-    print("|---|---:|---:|---:|---:|---:|---:|---:|")
+    print("|---|---:|---|---:|---:|---:|---:|---:|---:|")
     for model in args.model:
         for batch_size in args.batch_size:
             f = measure_footprint(model, spec, batch_size, args.threads, args.samples, args.contiguous)
-            print(f"| {f.model} | {f.batch_size} | {f.training_peak_mb:.1f} | {f.idle_peak_mb:.1f} | {f.increase_mb:.1f} "
+            print(f"| {f.model} | {f.batch_size} | {f.layout} | {f.training_peak_mb:.1f} | {f.idle_peak_mb:.1f} | {f.increase_mb:.1f} "
                   f"| {f.estimate_mb:.1f} | {f.increase_mb / f.estimate_mb:.2f} | {1000 * f.seconds_per_sample:.3f} |",
                   flush=True)
     print("estimate: the accounting's memory of one training step (weights, gradients, momentum, saved "

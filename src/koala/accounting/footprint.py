@@ -48,8 +48,9 @@ class Footprint:
     batch_size: int
     threads: int
     samples: int
-    contiguous: bool
-    """Trained in the contiguous layout even where the model's own is channels_last (to compare)."""
+    layout: str
+    """The memory layout the convolutions' weights were in after training ("channels_last" or
+    "contiguous"; "contiguous" for a model without convolutions), read from the weights themselves."""
     idle_peak_mb: float
     """Peak resident memory of the process holding the data and the model, before training."""
     training_peak_mb: float
@@ -143,7 +144,15 @@ def measure_here(model: str, spec: InputSpec, batch_size: int, threads: int, sam
         seconds = time.perf_counter() - start
     peak = peak_resident_mb() if exact else sampler.peak_mb
     estimate = measure_model(model, spec, batch_size, momentum=True).train_memory_bytes / MB
-    return Footprint(model, batch_size, threads, samples, contiguous, idle, peak, seconds / samples, estimate)
+    return Footprint(model, batch_size, threads, samples, trained_layout(network), idle, peak, seconds / samples, estimate)
+
+
+def trained_layout(network: torch.nn.Module) -> str:
+    """"channels_last" if every 4-D weight of `network` is laid out channels_last (and not also
+    contiguous, as 1x1 kernels can be), else "contiguous"."""
+    kernels = [p for p in network.parameters() if p.dim() == 4 and not p.is_contiguous()]
+    channels_last = bool(kernels) and all(p.is_contiguous(memory_format=torch.channels_last) for p in kernels)
+    return "channels_last" if channels_last else "contiguous"
 
 
 def measure_footprint(model: str, spec: InputSpec, batch_size: int, threads: int, samples: int,
