@@ -120,6 +120,11 @@ ROWS: dict[str, Row] = {
     **{f"koala +initial-forward labelled={n}": _shipped(f"data.proxy-labelled={n}", group="labelled")
        for n in (100, 5000)},
     "koala +initial-forward reverse-epochs=3": _shipped("distill.reverse.epochs=3", group="reverse-epochs"),
+    # more from the same proxy images: augmented reverse batches (the teachers see the same view), the
+    # clients' models as an ensemble instead of their average
+    "koala +initial-forward +augment": _shipped("distill.reverse.flip=true", "distill.reverse.max-shift=2",
+                                               group="reverse-data"),
+    "koala +initial-forward +ensemble": _shipped("distill.teacher='ensemble'", group="reverse-data"),
     # no labels during the rounds (the start pretrained on 1,000), with and without the label-free anchors
     "label-free": _koala(*LABEL_FREE, group="label-free"),
     **{f"label-free {name}": _koala(*LABEL_FREE, *overrides, group="label-free") for name, overrides in ANCHORS.items()},
