@@ -10,7 +10,7 @@ from helpers import BASE, DIGITS_KOALA
 
 from koala.config import ClientConfig, PrivacyConfig, load_config
 from koala.data.dataset import ImageSplit
-from koala.dp_sgd import sample_epsilon, train_dp_sgd
+from koala.dp_sgd import SamplePrivacy, resolve_sample_privacy, train_dp_sgd
 from koala.errors import ConfigError
 from koala.models import InputSpec
 from koala.run.experiment import prepare_experiment
@@ -72,22 +72,25 @@ def test_sample_epsilon_is_dp_accountings_own_for_the_smallest_client() -> None:
     from dp_accounting import dp_event
     from dp_accounting.rdp import rdp_privacy_accountant
 
-    privacy = PrivacyConfig(sample_noise_multiplier=1.1, sample_delta=1e-5)
-    client = ClientConfig(epochs=2, batch_size=32)
+    config = load_config(BASE, [*DP_SGD, "privacy.sample-noise-multiplier=1.1", "privacy.sample-delta=1e-5",
+                                "client.epochs=2", "client.batch-size=32"])
+    ledger = resolve_sample_privacy(config, [900, 0, 300, 500])
+    assert ledger is not None and ledger.smallest == 300  # an empty client is not the smallest
     accountant = rdp_privacy_accountant.RdpAccountant()
     steps = 2 * math.ceil(300 / 32) * 5  # the smallest client: 300 examples, 2 epochs, 5 rounds
     accountant.compose(dp_event.SelfComposedDpEvent(
         dp_event.PoissonSampledDpEvent(32 / 300, dp_event.GaussianDpEvent(1.1)), steps))
-    assert sample_epsilon(privacy, client, [900, 300, 500], 5) == pytest.approx(accountant.get_epsilon(1e-5), rel=1e-9)
-    assert sample_epsilon(privacy, client, [900, 300, 500], 0) == 0
+    assert ledger.epsilon(5) == pytest.approx(accountant.get_epsilon(1e-5), rel=1e-9)
+    assert ledger.epsilon(0) == 0
+    assert ledger.round_entry(5) == {"sample-epsilon": round(ledger.epsilon(5), 6)}
+    assert resolve_sample_privacy(load_config(BASE, DIGITS_KOALA), [900]) is None  # off without a noise multiplier
     # an independent implementation: Opacus's own RDP accountant, for q = 0.01, sigma = 4, 10,000 steps
     from opacus.accountants import RDPAccountant
 
     opacus = RDPAccountant()
     opacus.history = [(4.0, 0.01, 10_000)]
-    reference = PrivacyConfig(sample_noise_multiplier=4.0, sample_delta=1e-5)
-    epsilon = sample_epsilon(reference, ClientConfig(epochs=1, batch_size=600), [60_000], 100)
-    assert epsilon == pytest.approx(opacus.get_epsilon(1e-5), rel=0.05)
+    reference = SamplePrivacy(noise_multiplier=4.0, max_grad_norm=1.0, delta=1e-5, batch_size=600, epochs=1, smallest=60_000)
+    assert reference.epsilon(100) == pytest.approx(opacus.get_epsilon(1e-5), rel=0.05)
 
 
 def test_a_dp_sgd_run_learns_reports_epsilon_every_round_and_is_reproducible(tmp_path: Path) -> None:
@@ -95,9 +98,8 @@ def test_a_dp_sgd_run_learns_reports_epsilon_every_round_and_is_reproducible(tmp
     lines = runs[0].metrics
     epsilons = [line["privacy"]["sample-epsilon"] for line in lines[1:]]
     assert epsilons == sorted(epsilons) and epsilons[0] > 0
-    smallest = min(prepare_experiment(load_config(BASE, DP_SGD)).split.client_sizes())
-    config = load_config(BASE, DP_SGD)
-    assert epsilons[-1] == pytest.approx(sample_epsilon(config.privacy, config.client, [smallest], 5), abs=1e-6)
+    ledger = resolve_sample_privacy(load_config(BASE, DP_SGD), prepare_experiment(load_config(BASE, DP_SGD)).split.client_sizes())
+    assert epsilons[-1] == pytest.approx(ledger.epsilon(5), abs=1e-6)
     assert runs[0].summary["sample-privacy"]["epsilon"] == pytest.approx(epsilons[-1])
     assert lines[-1]["eval"]["small:lenet"]["accuracy"] > 0.3  # chance is 0.1; 0.48 measured
     assert lines[-1]["train-loss"] < lines[1]["train-loss"] - 0.2

@@ -20,6 +20,7 @@ from __future__ import annotations
 import math
 import warnings
 from collections.abc import Iterable
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -98,32 +99,56 @@ def train_dp_sgd(model: nn.Module, data: ImageSplit, settings: ClientConfig, pri
     return TrainOutcome(total / max(seen, 1), settings.epochs * len(data))
 
 
-def sample_epsilon(privacy: PrivacyConfig, client: ClientConfig, client_sizes: Iterable[int], rounds: int) -> float:
-    """Epsilon at `privacy.sample-delta` of the smallest client's examples after `rounds` rounds of
-    DP-SGD, from dp-accounting's RDP accountant (add or remove one example, Poisson sampling)."""
-    from dp_accounting import dp_event
-    from dp_accounting.rdp import rdp_privacy_accountant
+@dataclass(frozen=True)
+class SamplePrivacy:
+    """The clients' DP-SGD guarantee, accounted for the smallest client (the largest sampling rate)
+    as if it trained every round: the `PrivacyLedger` of sample-level DP."""
 
-    from koala.privacy import quiet_absl
+    noise_multiplier: float
+    max_grad_norm: float
+    delta: float
+    batch_size: int
+    epochs: int
+    smallest: int
+    """The smallest client's number of examples."""
 
-    smallest = min(size for size in client_sizes if size > 0)
-    if rounds == 0:
-        return 0.0
-    rate = min(1.0, client.batch_size / smallest)
-    steps = client.epochs * math.ceil(smallest / client.batch_size) * rounds
-    event: Any = dp_event.SelfComposedDpEvent(
-        dp_event.PoissonSampledDpEvent(rate, dp_event.GaussianDpEvent(privacy.sample_noise_multiplier)), steps)
-    accountant = rdp_privacy_accountant.RdpAccountant()
-    with quiet_absl():
-        accountant.compose(event)
-        return float(accountant.get_epsilon(privacy.sample_delta))
+    summary_key = "sample-privacy"
+
+    def epsilon(self, rounds: int) -> float:
+        """Epsilon at `delta` after `rounds` rounds, from dp-accounting's RDP accountant (add or remove
+        one example, Poisson sampling)."""
+        from dp_accounting import dp_event
+        from dp_accounting.rdp import rdp_privacy_accountant
+
+        from koala.privacy import quiet_absl
+
+        if rounds == 0:
+            return 0.0
+        rate = min(1.0, self.batch_size / self.smallest)
+        steps = self.epochs * math.ceil(self.smallest / self.batch_size) * rounds
+        event: Any = dp_event.SelfComposedDpEvent(
+            dp_event.PoissonSampledDpEvent(rate, dp_event.GaussianDpEvent(self.noise_multiplier)), steps)
+        accountant = rdp_privacy_accountant.RdpAccountant()
+        with quiet_absl():
+            accountant.compose(event)
+            return float(accountant.get_epsilon(self.delta))
+
+    def round_entry(self, rounds: int) -> dict[str, float]:
+        """What a round's metrics line records of the guarantee so far."""
+        return {"sample-epsilon": round(self.epsilon(rounds), 6)}
+
+    def describe(self, rounds: int) -> dict[str, Any]:
+        """What summary.json records of the guarantee after `rounds` rounds."""
+        return {"epsilon": round(self.epsilon(rounds), 6), "delta": self.delta, "noise-multiplier": self.noise_multiplier,
+                "max-grad-norm": self.max_grad_norm, "client": f"the smallest ({self.smallest} examples), as if it trained "
+                "every round", "sampling": "poisson", "accountant": "rdp", "neighbouring": "add or remove one example",
+                "unit": "example", "rounds-accounted": rounds}
 
 
-def describe_sample_privacy(config: ExperimentConfig, client_sizes: list[int], rounds: int) -> dict[str, Any]:
-    """What summary.json records of the clients' DP-SGD guarantee after `rounds` rounds."""
-    privacy = config.privacy
-    return {"epsilon": round(sample_epsilon(privacy, config.client, client_sizes, rounds), 6), "delta": privacy.sample_delta,
-            "noise-multiplier": privacy.sample_noise_multiplier, "max-grad-norm": privacy.sample_max_grad_norm,
-            "client": f"the smallest ({min(s for s in client_sizes if s > 0)} examples), as if it trained every round",
-            "sampling": "poisson", "accountant": "rdp", "neighbouring": "add or remove one example", "unit": "example",
-            "rounds-accounted": rounds}
+def resolve_sample_privacy(config: ExperimentConfig, client_sizes: Iterable[int]) -> SamplePrivacy | None:
+    """The clients' DP-SGD ledger; None when sample-level DP is off."""
+    privacy, client = config.privacy, config.client
+    if not privacy.sample_level:
+        return None
+    return SamplePrivacy(privacy.sample_noise_multiplier, privacy.sample_max_grad_norm, privacy.sample_delta,
+                         client.batch_size, client.epochs, min(size for size in client_sizes if size > 0))

@@ -21,7 +21,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol
 
 import torch
 
@@ -32,9 +32,23 @@ from koala.seeding import torch_generator
 from koala.state import ClientUpdate, StateDict
 
 
+class PrivacyLedger(Protocol):
+    """A run's differential-privacy guarantee, as the run loop reports it: each round's metrics line
+    gets `round_entry`, the summary gets `describe` under `summary_key`."""
+
+    summary_key: str
+
+    def epsilon(self, rounds: int) -> float: ...
+
+    def round_entry(self, rounds: int) -> dict[str, float]: ...
+
+    def describe(self, rounds: int) -> dict[str, Any]: ...
+
+
 @dataclass(frozen=True)
 class PrivacySettings:
-    """The resolved mechanism of a run: its noise, clipping, sampling, accountant and delta."""
+    """The resolved mechanism of a run: its noise, clipping, sampling, accountant and delta (the
+    `PrivacyLedger` of user-level DP)."""
 
     noise_multiplier: float
     clip: float
@@ -44,6 +58,8 @@ class PrivacySettings:
     population: int
     accountant: str
     delta: float
+
+    summary_key = "privacy"
 
     @property
     def neighbouring(self) -> str:
@@ -68,6 +84,10 @@ class PrivacySettings:
         with quiet_absl():
             accountant.compose(self.event(rounds))
             return float(accountant.get_epsilon(self.delta))
+
+    def round_entry(self, rounds: int) -> dict[str, float]:
+        """What a round's metrics line records of the guarantee so far."""
+        return {"epsilon": round(self.epsilon(rounds), 6), "delta": self.delta}
 
     def describe(self, rounds: int) -> dict[str, Any]:
         """What summary.json records of the guarantee after `rounds` rounds."""

@@ -12,8 +12,9 @@ from koala.algorithms import Algorithm, ServerData, algorithm_class, make_algori
 from koala.config import ExperimentConfig
 from koala.data.federated import FederatedSplit, load_federated_split
 from koala.device import resolve_device
-from koala.dp_sgd import check_dp_sgd
+from koala.dp_sgd import check_dp_sgd, resolve_sample_privacy
 from koala.models import InputSpec
+from koala.privacy import PrivacyLedger
 
 
 @dataclass(frozen=True)
@@ -30,6 +31,11 @@ class Experiment:
     def client_architectures(self) -> dict[int, str]:
         """The architecture every client trains, by client id."""
         return {cid: self.algorithm.client_architecture(cid) for cid in range(self.config.data.num_clients)}
+
+    def privacy_ledgers(self) -> list[PrivacyLedger]:
+        """The run's DP guarantees: the uploads' (user-level) and the clients' DP-SGD (sample-level)."""
+        ledgers = [self.algorithm.privacy, resolve_sample_privacy(self.config, self.split.client_sizes())]
+        return [ledger for ledger in ledgers if ledger is not None]
 
     def describe(self) -> dict[str, object]:
         """The facts printed before round 1 and kept in the summary."""

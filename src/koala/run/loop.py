@@ -13,7 +13,6 @@ from typing import Any
 from koala.accounting.ledger import resources_summary, round_resources
 from koala.algorithms import RoundMetrics
 from koala.config import config_to_toml
-from koala.dp_sgd import describe_sample_privacy, sample_epsilon
 from koala.engine.dispatch import Dispatch, Replies
 from koala.errors import ConfigError
 from koala.run.checkpoint import (
@@ -101,11 +100,8 @@ def play_round(experiment: Experiment, dispatch: Dispatch, state: ServerState) -
         replies.fail(cid, f"unreachable this round (simulated: client.dropout-probability = {config.client.dropout_probability:g})")
     state, line = complete_round(experiment, state, clients, replies)
     line["time-clients"] = round(client_time, 4)
-    if (privacy := experiment.algorithm.privacy) is not None:  # what the uploads' DP has spent so far
-        line["privacy"] = {"epsilon": round(privacy.epsilon(round_number), 6), "delta": privacy.delta}
-    if config.privacy.sample_level:  # and the clients' DP-SGD, for their smallest client
-        line.setdefault("privacy", {})["sample-epsilon"] = round(
-            sample_epsilon(config.privacy, config.client, experiment.split.client_sizes(), round_number), 6)
+    for ledger in experiment.privacy_ledgers():  # what the DP guarantees have spent so far
+        line.setdefault("privacy", {}).update(ledger.round_entry(round_number))
     if round_number % config.eval_every == 0 or round_number == config.rounds:
         line.update(evaluation(experiment, state))
     line["time-round"] = round(time.perf_counter() - round_start, 4)
@@ -250,10 +246,8 @@ def _run_rounds(
     resources = resources_summary(experiment.costs, config.models.large, experiment.client_architectures(), history)
     run_dir.write_json(RESOURCES_FILE, resources)
     summary = summarise(history, description, elapsed(), resources)
-    if experiment.algorithm.privacy is not None:
-        summary["privacy"] = experiment.algorithm.privacy.describe(history[-1]["round"])
-    if config.privacy.sample_level:
-        summary["sample-privacy"] = describe_sample_privacy(config, experiment.split.client_sizes(), history[-1]["round"])
+    for ledger in experiment.privacy_ledgers():
+        summary[ledger.summary_key] = ledger.describe(history[-1]["round"])
     run_dir.write_json(SUMMARY_FILE, summary)
     run_dir.mark("complete", rounds=config.rounds)
     echo(format_final(summary))
