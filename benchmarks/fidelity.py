@@ -104,6 +104,9 @@ ROWS: dict[str, Row] = {
     # distillation learning rates (reverse, forward), one at a time
     **{f"koala {role}-lr={lr}": _koala(f"distill.{role}.lr={lr}", group="distill-lr")
        for role in ("reverse", "forward") for lr in ("0.003", "0.03")},
+    # and around the shipped recipe
+    **{f"koala +initial-forward {role}-lr={lr}": _shipped(f"distill.{role}.lr={lr}", group="distill-lr")
+       for role in ("reverse", "forward") for lr in ("0.003", "0.03")},
     # proxy-set size, the clients fixed on the same 30,000 images (the most that 24,000 proxy images leave)
     **{f"koala proxy={n}": _koala(f"data.proxy-size={n}", "data.client-size=30000", group="proxy")
        for n in (1200, 6000, 12000, 24000)},
