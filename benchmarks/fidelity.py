@@ -244,11 +244,12 @@ def _mean(values: list[float | None]) -> float | None:
 
 
 def table(rows: list[str], seeds: list[int], out: Path, split: str, at_round: int) -> str:
-    """Markdown: each row's large model at the start and at `at_round`, its small model(s), the
-    clients' training TFLOPs a round, the seeds and the commit(s) that produced the runs."""
+    """Markdown: each row's large model at the start and at `at_round`, its headline model on the
+    validation split (what the choices were made on), its small model(s), the clients' training
+    TFLOPs a round, the seeds and the commit(s) that produced the runs."""
     lines = [f"| row | start | large model, round {at_round} | large model, best validation round ≤ {at_round} "
-             f"| small model(s), round {at_round} | client TFLOPs / round | seeds | commit |",
-             "|---|---|---|---|---|---|---|---|"]
+             f"| validation, round {at_round} | small model(s), round {at_round} | client TFLOPs / round | seeds | commit |",
+             "|---|---|---|---|---|---|---|---|---|"]
     for row in rows:
         runs = [r for r in _runs(out, row, seeds) if r.accuracy(split, at_round=at_round) is not None]
         if not runs:
@@ -260,9 +261,11 @@ def table(rows: list[str], seeds: list[int], out: Path, split: str, at_round: in
         selected = (f"{cell([c[1] for c in chosen if c])} (rounds {', '.join(str(c[0]) for c in chosen if c)})"
                     if any(chosen) else "–")
         small = ", ".join(f"{m[6:]} {cell([r.accuracy(split, m, at_round) for r in runs])}" for m in runs[0].small_models())
+        validation = cell([r.accuracy("validation", at_round=at_round) for r in runs])
         flops = statistics.mean(r.client_flops_per_round(at_round) for r in runs) / 1e12
         commits = ", ".join(sorted({r.commit or "?" for r in runs}))
-        lines.append(f"| {row} | {start} | {large} | {selected} | {small or '–'} | {flops:.3f} | {len(runs)} | {commits} |")
+        lines.append(f"| {row} | {start} | {large} | {selected} | {validation} | {small or '–'} | {flops:.3f} | {len(runs)} "
+                     f"| {commits} |")
     return "\n".join(lines)
 
 
