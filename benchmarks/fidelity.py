@@ -288,26 +288,27 @@ def select(group: str, seeds: list[int], out: Path, at_round: int) -> str:
                      [f"{100 * value:.2f}  {100 * best:.2f}  {row}" for value, best, row in ranked])
 
 
-def _mean_curves(rows: list[str], seeds: list[int], out: Path, split: str) -> dict[str, list[tuple[int, float, float, float]]]:
+def _mean_curves(rows: list[str], seeds: list[int], out: Path, split: str,
+                 at_round: int) -> dict[str, list[tuple[int, float, float, float]]]:
     """Per row with runs: (round, mean, lowest, highest) of its headline model's accuracy in %, over
-    the rounds every seed reached."""
+    the rounds up to `at_round` that every seed reached."""
     curves = {}
     for row in rows:
         runs = _runs(out, row, seeds)
         if not runs:
             continue
         by_seed = [dict(r.by_round(split)) for r in runs]
-        rounds = sorted(set.intersection(*(set(c) for c in by_seed)))
+        rounds = sorted(n for n in set.intersection(*(set(c) for c in by_seed)) if n <= at_round)
         curves[f"{row} ({runs[0].headline()})"] = [
             (n, 100 * statistics.mean(c[n] for c in by_seed), 100 * min(c[n] for c in by_seed), 100 * max(c[n] for c in by_seed))
             for n in rounds]
     return curves
 
 
-def by_round_table(rows: list[str], seeds: list[int], out: Path, split: str) -> str:
+def by_round_table(rows: list[str], seeds: list[int], out: Path, split: str, at_round: int) -> str:
     """Markdown: each row's headline accuracy by round, the mean over seeds (lowest–highest where
     there are several)."""
-    curves = _mean_curves(rows, seeds, out, split)
+    curves = _mean_curves(rows, seeds, out, split, at_round)
     rounds = sorted({n for curve in curves.values() for n, *_ in curve})
     lines = [f"| round | {' | '.join(curves)} |", "|---" * (len(curves) + 1) + "|"]
     for n in rounds:
@@ -320,9 +321,9 @@ def by_round_table(rows: list[str], seeds: list[int], out: Path, split: str) -> 
     return "\n".join(lines)
 
 
-def by_round_plot(rows: list[str], seeds: list[int], out: Path, split: str, path: Path) -> None:
+def by_round_plot(rows: list[str], seeds: list[int], out: Path, split: str, at_round: int, path: Path) -> None:
     fig, ax = plt.subplots(figsize=(9, 6))
-    for label, curve in _mean_curves(rows, seeds, out, split).items():
+    for label, curve in _mean_curves(rows, seeds, out, split, at_round).items():
         rounds, mean, low, high = zip(*curve, strict=True)
         (line,) = ax.plot(rounds, mean, "-" if label.endswith("(large)") else "--", marker="o", markersize=2, label=label)
         ax.fill_between(rounds, low, high, color=line.get_color(), alpha=0.15)
@@ -332,11 +333,11 @@ def by_round_plot(rows: list[str], seeds: list[int], out: Path, split: str, path
     save_figure(fig, path)
 
 
-def by_round(rows: list[str], seeds: list[int], out: Path, split: str, plot: Path | None) -> None:
-    """Print the by-round table; draw it too where a plot path is given."""
-    print(by_round_table(rows, seeds, out, split))
+def by_round(rows: list[str], seeds: list[int], out: Path, split: str, at_round: int, plot: Path | None) -> None:
+    """Print the by-round table up to `at_round`; draw it too where a plot path is given."""
+    print(by_round_table(rows, seeds, out, split, at_round))
     if plot is not None:
-        by_round_plot(rows, seeds, out, split, plot)
+        by_round_plot(rows, seeds, out, split, at_round, plot)
 
 
 def frontier(seeds: list[int], out: Path, split: str, at_round: int, plot: Path | None) -> str:
@@ -405,7 +406,7 @@ def main() -> None:
         "table": lambda: print(table(rows, args.seeds, args.out, args.split, args.at_round)),
         "select": lambda: print(select(args.group, args.seeds, args.out, args.at_round)),
         "frontier": lambda: print(frontier(args.seeds, args.out, args.split, args.at_round, args.plot)),
-        "by-round": lambda: by_round(rows, args.seeds, args.out, args.split, args.plot),
+        "by-round": lambda: by_round(rows, args.seeds, args.out, args.split, args.at_round, args.plot),
         "rows": lambda: print("\n".join(f"{name}  [{row.group}] {row.config} {' '.join(row.overrides)} "
                                         f"rounds={row.rounds}" for name, row in ROWS.items())),
     }
