@@ -64,15 +64,19 @@ def _koala(*overrides: str, group: str, rounds: int = ROUNDS) -> Row:
     return Row("koala-homogeneous", [*ISSUE_7_RECIPE, *overrides], rounds, group)
 
 
+INITIAL_FORWARD = ["distill.initial-forward-epochs=10"]
+"""What configs/koala-homogeneous.toml ships on top of ISSUE_7_RECIPE (row `koala +initial-forward`)."""
+
+
 def _shipped(*overrides: str, group: str) -> Row:
-    """A row one dimension away from the recipe configs/koala-homogeneous.toml ships (row `koala +initial-forward`)."""
-    return _koala("distill.initial-forward-epochs=10", *overrides, group=group)
+    """A row one dimension away from the recipe configs/koala-homogeneous.toml ships."""
+    return _koala(*INITIAL_FORWARD, *overrides, group=group)
 
 
 LABEL_FREE = ["distill.reverse-ce-weight=0.0"]
 """The shipped recipe without labels during the rounds (the start stays pretrained on 1,000)."""
 ANCHORS = {
-    "+initial-forward": ["distill.initial-forward-epochs=10"],
+    "+initial-forward": INITIAL_FORWARD,
     "+selection": ["distill.reverse-selection='confidence'"],
     "+self=0.3": ["distill.reverse-self-weight=0.3"],
     "+self=0.6": ["distill.reverse-self-weight=0.6"],
@@ -308,15 +312,12 @@ def _mean_curves(rows: list[str], seeds: list[int], out: Path, split: str,
 def by_round_table(rows: list[str], seeds: list[int], out: Path, split: str, at_round: int) -> str:
     """Markdown: each row's headline accuracy by round, the mean over seeds (lowest–highest where
     there are several)."""
-    curves = _mean_curves(rows, seeds, out, split, at_round)
-    rounds = sorted({n for curve in curves.values() for n, *_ in curve})
+    curves = {label: {n: (mean, low, high) for n, mean, low, high in curve}
+              for label, curve in _mean_curves(rows, seeds, out, split, at_round).items()}
     lines = [f"| round | {' | '.join(curves)} |", "|---" * (len(curves) + 1) + "|"]
-    for n in rounds:
-        cells = []
-        for curve in curves.values():
-            point = next((p for p in curve if p[0] == n), None)
-            cells.append("–" if point is None else f"{point[1]:.2f}" if point[2] == point[3] else
-                         f"{point[1]:.2f} ({point[2]:.2f}–{point[3]:.2f})")
+    for n in sorted(set().union(*curves.values())):
+        cells = ["–" if n not in curve else f"{curve[n][0]:.2f}" if curve[n][1] == curve[n][2] else
+                 f"{curve[n][0]:.2f} ({curve[n][1]:.2f}–{curve[n][2]:.2f})" for curve in curves.values()]
         lines.append(f"| {n} | {' | '.join(cells)} |")
     return "\n".join(lines)
 
