@@ -5,8 +5,10 @@ split (every choice is made on it), 6,000 as the server's proxy set (its first 1
 the other 49,000 over 20 clients by Dirichlet(0.5); the official 10,000-image test split is only
 reported. Each row is a config in configs/ with overrides; rows are grouped by the one dimension
 they move around the recipe this map started from: `koala-homogeneous` as issue 7 shipped it,
-without the initial forward distillation (row `koala`). The recipe the map chose, and that
-configs/koala-homogeneous.toml now ships, is row `koala +initial-forward`.
+without the initial forward distillation (row `koala`). The regime map is centred on row
+`koala +initial-forward` (that recipe with the initial forward distillation); the recipe that
+configs/koala-homogeneous.toml now ships, chosen on validation, is row
+`koala +initial-forward lenet-narrow epochs=3`.
 
     python benchmarks/fidelity.py run --rows koala "fedavg-large lr=0.01" --seeds 0 1 2 --out OUT
     python benchmarks/fidelity.py select --group distill-lr --out OUT        # validation only
@@ -55,9 +57,9 @@ class Row:
     group: str = ""
 
 
-ISSUE_7_RECIPE = ["distill.initial-forward-epochs=0"]
-"""What configs/koala-homogeneous.toml was before this map: the KOALA rows start from it, so that
-each keeps meaning what it measured."""
+ISSUE_7_RECIPE = ["distill.initial-forward-epochs=0", "models.small=['lenet']", "client.epochs=1"]
+"""What configs/koala-homogeneous.toml was before this map (LeNet clients, 1 local epoch): the KOALA
+rows start from it, so that each keeps meaning what it measured whatever the config now ships."""
 
 
 def _koala(*overrides: str, group: str, rounds: int = ROUNDS) -> Row:
@@ -65,16 +67,16 @@ def _koala(*overrides: str, group: str, rounds: int = ROUNDS) -> Row:
 
 
 INITIAL_FORWARD = ["distill.initial-forward-epochs=10"]
-"""What configs/koala-homogeneous.toml ships on top of ISSUE_7_RECIPE (row `koala +initial-forward`)."""
+"""The lever the map found first; with ISSUE_7_RECIPE it is row `koala +initial-forward`, the map's centre."""
 
 
-def _shipped(*overrides: str, group: str) -> Row:
-    """A row one dimension away from the recipe configs/koala-homogeneous.toml ships."""
+def _map_row(*overrides: str, group: str) -> Row:
+    """A row one dimension away from the map's centre, row `koala +initial-forward`."""
     return _koala(*INITIAL_FORWARD, *overrides, group=group)
 
 
 LABEL_FREE = ["distill.reverse-ce-weight=0.0"]
-"""The shipped recipe without labels during the rounds (the start stays pretrained on 1,000)."""
+"""The recipe without labels during the rounds (the start stays pretrained on 1,000)."""
 ANCHORS = {
     "+initial-forward": INITIAL_FORWARD,
     "+selection": ["distill.reverse-selection='confidence'"],
@@ -108,8 +110,8 @@ ROWS: dict[str, Row] = {
     # distillation learning rates (reverse, forward), one at a time
     **{f"koala {role}-lr={lr}": _koala(f"distill.{role}.lr={lr}", group="distill-lr")
        for role in ("reverse", "forward") for lr in ("0.003", "0.03")},
-    # and around the shipped recipe
-    **{f"koala +initial-forward {role}-lr={lr}": _shipped(f"distill.{role}.lr={lr}", group="distill-lr")
+    # and around the map's centre
+    **{f"koala +initial-forward {role}-lr={lr}": _map_row(f"distill.{role}.lr={lr}", group="distill-lr")
        for role in ("reverse", "forward") for lr in ("0.003", "0.03")},
     # proxy-set size, the clients fixed on the same 30,000 images (the most that 24,000 proxy images leave)
     **{f"koala proxy={n}": _koala(f"data.proxy-size={n}", "data.client-size=30000", group="proxy")
@@ -120,34 +122,36 @@ ROWS: dict[str, Row] = {
     # local epochs, reverse-distillation epochs (with CE)
     **{f"koala epochs={e}": _koala(f"client.epochs={e}", group="epochs") for e in (2, 5)},
     "koala reverse-epochs=3": _koala("distill.reverse.epochs=3", group="reverse-epochs"),
-    # the same dimensions around the shipped recipe (with the initial forward distillation)
-    **{f"koala +initial-forward epochs={e}": _shipped(f"client.epochs={e}", group="epochs") for e in (2, 5)},
-    **{f"koala +initial-forward proxy={n}": _shipped(f"data.proxy-size={n}", "data.client-size=30000", group="proxy")
+    # the same dimensions around the map's centre (with the initial forward distillation)
+    **{f"koala +initial-forward epochs={e}": _map_row(f"client.epochs={e}", group="epochs") for e in (2, 5)},
+    **{f"koala +initial-forward proxy={n}": _map_row(f"data.proxy-size={n}", "data.client-size=30000", group="proxy")
        for n in (1200, 6000, 12000, 24000)},
-    **{f"koala +initial-forward labelled={n}": _shipped(f"data.proxy-labelled={n}", group="labelled")
+    **{f"koala +initial-forward labelled={n}": _map_row(f"data.proxy-labelled={n}", group="labelled")
        for n in (100, 5000)},
-    "koala +initial-forward reverse-epochs=3": _shipped("distill.reverse.epochs=3", group="reverse-epochs"),
+    "koala +initial-forward reverse-epochs=3": _map_row("distill.reverse.epochs=3", group="reverse-epochs"),
     # more from the same proxy images: augmented reverse batches (the teachers see the same view), the
     # clients' models as an ensemble instead of their average
-    "koala +initial-forward +augment": _shipped("distill.reverse.flip=true", "distill.reverse.max-shift=2",
+    "koala +initial-forward +augment": _map_row("distill.reverse.flip=true", "distill.reverse.max-shift=2",
                                                group="reverse-data"),
-    "koala +initial-forward +ensemble": _shipped("distill.teacher='ensemble'", group="reverse-data"),
+    "koala +initial-forward +ensemble": _map_row("distill.teacher='ensemble'", group="reverse-data"),
     # no labels during the rounds (the start pretrained on 1,000), with and without the label-free anchors
     "label-free": _koala(*LABEL_FREE, group="label-free"),
     **{f"label-free {name}": _koala(*LABEL_FREE, *overrides, group="label-free") for name, overrides in ANCHORS.items()},
-    # the same anchors beside the labelled CE term of the shipped recipe
+    # the same anchors beside the labelled CE term of issue 7's recipe
     **{f"koala {name}": _koala(*overrides, group="anchors") for name, overrides in ANCHORS.items()},
     # the ladder of small models, and local epochs on the cheapest ones: the frontier
     **{f"koala {arch}": _koala(f"models.small=['{arch}']", group="ladder") for arch in LADDER if arch != "lenet"},
     **{f"koala lenet-narrow epochs={e}": _koala("models.small=['lenet-narrow']", f"client.epochs={e}", group="ladder")
        for e in (2, 5)},
-    # the ladder around the shipped recipe
-    **{f"koala +initial-forward {arch}": _shipped(f"models.small=['{arch}']", group="ladder")
+    # the ladder around the map's centre (lenet-narrow at 3 epochs is what configs/koala-homogeneous.toml ships)
+    **{f"koala +initial-forward {arch}": _map_row(f"models.small=['{arch}']", group="ladder")
        for arch in LADDER if arch != "lenet"},
-    **{f"koala +initial-forward lenet-narrow epochs={e}": _shipped("models.small=['lenet-narrow']", f"client.epochs={e}",
+    **{f"koala +initial-forward lenet-narrow epochs={e}": _map_row("models.small=['lenet-narrow']", f"client.epochs={e}",
                                                                   group="ladder") for e in (2, 3, 5)},
 }
 GROUPS = sorted({row.group for row in ROWS.values()})
+SHIPPED = "koala +initial-forward lenet-narrow epochs=3"
+"""The row that configs/koala-homogeneous.toml ships (chosen on validation)."""
 
 
 def run_dir(out: Path, row: str, seed: int) -> Path:
@@ -346,8 +350,9 @@ def frontier(seeds: list[int], out: Path, split: str, at_round: int, plot: Path 
     clients' training TFLOPs a round, for every small model and local-epoch count, with
     FedAvg-large and each FedAvg-small."""
     points: list[tuple[str, str, float, float, float | None]] = []  # (kind, label, flops, final, selected)
-    koala_rows = {"koala": "lenet", "koala +initial-forward": "lenet, shipped recipe",
+    koala_rows = {"koala": "lenet", "koala +initial-forward": "+initial-forward lenet",
                   **{name: name.removeprefix("koala ") for name, row in ROWS.items() if row.group in ("ladder", "epochs")}}
+    koala_rows[SHIPPED] += ", shipped recipe"
     groups = [(name, "KOALA large model", label) for name, label in koala_rows.items()]
     groups += [(name, "FedAvg-small" if row.group == "fedavg-small" else "FedAvg-large", name.split(" ", 1)[1])
                for name, row in ROWS.items() if row.group in ("fedavg-small", "fedavg-large-lr")]
