@@ -106,7 +106,7 @@ ROWS: dict[str, Row] = {
     **{f"fedavg-small {arch}": Row("fedavg-small", [f"models.small=['{arch}']"], 40 if arch == "lenet" else ROUNDS,
                                    "fedavg-small") for arch in LADDER},
     **{f"fedavg-small {arch} epochs={e}": Row("fedavg-small", [f"models.small=['{arch}']", f"client.epochs={e}"],
-                                              group="fedavg-small") for arch in ("lenet-narrow", "lenet") for e in (2, 5)},
+                                              group="fedavg-small") for arch in ("lenet-narrow", "lenet") for e in (2, 3, 5)},
     # distillation learning rates (reverse, forward), one at a time
     **{f"koala {role}-lr={lr}": _koala(f"distill.{role}.lr={lr}", group="distill-lr")
        for role in ("reverse", "forward") for lr in ("0.003", "0.03")},
