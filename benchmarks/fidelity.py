@@ -75,6 +75,11 @@ def _map_row(*overrides: str, group: str) -> Row:
     return _koala(*INITIAL_FORWARD, *overrides, group=group)
 
 
+SHIPPED = "koala +initial-forward lenet-narrow epochs=3"
+"""The row that configs/koala-homogeneous.toml ships (chosen on validation)."""
+SHIPPED_LEVERS = [*INITIAL_FORWARD, "models.small=['lenet-narrow']", "client.epochs=3"]
+"""What configs/koala-homogeneous.toml ships on top of ISSUE_7_RECIPE (row SHIPPED)."""
+
 LABEL_FREE = ["distill.reverse-ce-weight=0.0"]
 """The recipe without labels during the rounds (the start stays pretrained on 1,000)."""
 ANCHORS = {
@@ -129,6 +134,8 @@ ROWS: dict[str, Row] = {
     **{f"koala +initial-forward labelled={n}": _map_row(f"data.proxy-labelled={n}", group="labelled")
        for n in (100, 5000)},
     "koala +initial-forward reverse-epochs=3": _map_row("distill.reverse.epochs=3", group="reverse-epochs"),
+    # and on the shipped recipe: server work only, the clients' cost unchanged
+    f"{SHIPPED} reverse-epochs=3": _koala(*SHIPPED_LEVERS, "distill.reverse.epochs=3", group="reverse-epochs"),
     # more from the same proxy images: augmented reverse batches (the teachers see the same view), the
     # clients' models as an ensemble instead of their average
     "koala +initial-forward +augment": _map_row("distill.reverse.flip=true", "distill.reverse.max-shift=2",
@@ -150,8 +157,6 @@ ROWS: dict[str, Row] = {
                                                                   group="ladder") for e in (2, 3, 5)},
 }
 GROUPS = sorted({row.group for row in ROWS.values()})
-SHIPPED = "koala +initial-forward lenet-narrow epochs=3"
-"""The row that configs/koala-homogeneous.toml ships (chosen on validation)."""
 
 
 def run_dir(out: Path, row: str, seed: int) -> Path:
