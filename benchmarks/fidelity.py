@@ -111,7 +111,8 @@ ROWS: dict[str, Row] = {
     **{f"fedavg-small {arch}": Row("fedavg-small", [f"models.small=['{arch}']"], 40 if arch == "lenet" else ROUNDS,
                                    "fedavg-small") for arch in LADDER},
     **{f"fedavg-small {arch} epochs={e}": Row("fedavg-small", [f"models.small=['{arch}']", f"client.epochs={e}"],
-                                              group="fedavg-small") for arch in ("lenet-narrow", "lenet") for e in (2, 3, 5)},
+                                              group="fedavg-small")
+       for arch, epochs in (("lenet-narrow", (2, 3, 5)), ("lenet", (2, 5))) for e in epochs},
     # distillation learning rates (reverse, forward), one at a time
     **{f"koala {role}-lr={lr}": _koala(f"distill.{role}.lr={lr}", group="distill-lr")
        for role in ("reverse", "forward") for lr in ("0.003", "0.03")},
@@ -154,7 +155,8 @@ ROWS: dict[str, Row] = {
     **{f"koala +initial-forward {arch}": _map_row(f"models.small=['{arch}']", group="ladder")
        for arch in LADDER if arch != "lenet"},
     **{f"koala +initial-forward lenet-narrow epochs={e}": _map_row("models.small=['lenet-narrow']", f"client.epochs={e}",
-                                                                  group="ladder") for e in (2, 3, 5)},
+                                                                  group="ladder") for e in (2, 5)},
+    SHIPPED: _koala(*SHIPPED_LEVERS, group="ladder"),
 }
 GROUPS = sorted({row.group for row in ROWS.values()})
 

@@ -36,9 +36,9 @@ METHODS = {"koala": "koala-homogeneous", "fedavg-small": "fedavg-small", "fedavg
            "koala-server-only": "koala-homogeneous"}
 """koala-server-only is the control: KOALA whose clients do not train (client.epochs = 0), so what
 its large model gains is the server's own doing (CE on its labelled images, distillation on its proxy)."""
-ISSUE_19_CLIENTS = ["models.small=['lenet']", "client.epochs=1"]
-"""KOALA's clients as this benchmark measured them (LeNet, 1 local epoch), whatever the config now ships."""
-EXTRA = {"koala": ISSUE_19_CLIENTS, "koala-server-only": [*ISSUE_19_CLIENTS, "client.epochs=0"]}
+LENET = "models.small=['lenet']"
+"""KOALA's clients hold a LeNet, as this benchmark measured them, whatever the config now ships."""
+EXTRA = {"koala": [LENET, "client.epochs=1"], "koala-server-only": [LENET, "client.epochs=0"]}
 
 
 def run_dir(out: Path, method: str, epsilon: str, seed: int) -> Path:
