@@ -289,7 +289,7 @@ def select(group: str, seeds: list[int], out: Path, at_round: int) -> str:
     rows = [name for name, row in ROWS.items() if row.group == group]
     if group not in ("fedavg-large-lr", "fedavg-small", "label-free"):
         # the references that the group's rows move one dimension away from
-        rows[:0] = [name for name in ("koala", "koala +initial-forward") if name not in rows]
+        rows[:0] = [name for name in ("koala", "koala +initial-forward", SHIPPED) if name not in rows]
     ranked = []
     for row in rows:
         runs = _runs(out, row, seeds)
