@@ -80,6 +80,15 @@ SHIPPED = "koala +initial-forward lenet-narrow epochs=3"
 SHIPPED_LEVERS = [*INITIAL_FORWARD, "models.small=['lenet-narrow']", "client.epochs=3"]
 """What configs/koala-homogeneous.toml ships on top of ISSUE_7_RECIPE (row SHIPPED)."""
 
+HETEROGENEOUS_RECIPE = ["models.small=['lenet', 'shufflenetv2-0.5']", "client.epochs=1"]
+"""What configs/koala-heterogeneous.toml shipped before it was measured on all the data (half the
+clients on LeNet, half on ShuffleNetV2 x0.5, 1 local epoch): its rows start from it."""
+
+
+def _heterogeneous(*overrides: str) -> Row:
+    return Row("koala-heterogeneous", [*HETEROGENEOUS_RECIPE, *overrides], group="heterogeneous")
+
+
 LABEL_FREE = ["distill.reverse-ce-weight=0.0"]
 """The recipe without labels during the rounds (the start stays pretrained on 1,000)."""
 ANCHORS = {
@@ -157,6 +166,10 @@ ROWS: dict[str, Row] = {
     **{f"koala +initial-forward lenet-narrow epochs={e}": _map_row("models.small=['lenet-narrow']", f"client.epochs={e}",
                                                                   group="ladder") for e in (2, 5)},
     SHIPPED: _koala(*SHIPPED_LEVERS, group="ladder"),
+    # heterogeneous mode at full data: as shipped, and with two LeNets of different width at the
+    # homogeneous recipe's 3 local epochs (weak devices on lenet-narrow, stronger ones on LeNet)
+    "heterogeneous": _heterogeneous(),
+    "heterogeneous lenet-narrow+lenet epochs=3": _heterogeneous("models.small=['lenet-narrow', 'lenet']", "client.epochs=3"),
 }
 GROUPS = sorted({row.group for row in ROWS.values()})
 
@@ -358,7 +371,7 @@ def frontier(seeds: list[int], out: Path, split: str, at_round: int, plot: Path 
     FedAvg-large and each FedAvg-small."""
     points: list[tuple[str, str, float, float, float | None]] = []  # (kind, label, flops, final, selected)
     koala_rows = {"koala": "lenet", "koala +initial-forward": "+initial-forward lenet",
-                  **{name: name.removeprefix("koala ") for name, row in ROWS.items() if row.group in ("ladder", "epochs")}}
+                  **{name: name.removeprefix("koala ") for name, row in ROWS.items() if row.group in ("ladder", "epochs", "heterogeneous")}}
     koala_rows[SHIPPED] += ", shipped recipe"
     groups = [(name, "KOALA large model", label) for name, label in koala_rows.items()]
     groups += [(name, "FedAvg-small" if row.group == "fedavg-small" else "FedAvg-large", name.split(" ", 1)[1])
