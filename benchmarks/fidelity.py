@@ -172,6 +172,8 @@ ROWS: dict[str, Row] = {
     "heterogeneous lenet-narrow+lenet epochs=3": _heterogeneous("models.small=['lenet-narrow', 'lenet']", "client.epochs=3"),
 }
 GROUPS = sorted({row.group for row in ROWS.values()})
+SHIPPED_ROWS = {"koala-homogeneous": SHIPPED, "koala-heterogeneous": "heterogeneous"}
+"""The row each shipped KOALA config is, lever for lever (tests/test_benchmark_pins.py checks it)."""
 
 
 def run_dir(out: Path, row: str, seed: int) -> Path:

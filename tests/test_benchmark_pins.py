@@ -1,0 +1,40 @@
+"""The fidelity benchmark pins the rows that stand for the shipped configs lever by lever, so that a
+row keeps meaning what it measured when a config changes. Here: the pins and the configs agree, and
+a row that is not the shipped recipe is told apart from it."""
+
+import importlib.util
+import sys
+
+import pytest
+from helpers import CONFIGS, ROOT
+
+from koala.config import load_config
+
+
+@pytest.fixture(scope="module")
+def fidelity():
+    spec = importlib.util.spec_from_file_location("fidelity_benchmark", ROOT / "benchmarks" / "fidelity.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up while the class is made
+    spec.loader.exec_module(module)
+    yield module
+    del sys.modules[spec.name]
+
+
+def _resolved(fidelity, config: str, row: str | None):
+    overrides = [*fidelity.REFERENCE, *(fidelity.ROWS[row].overrides if row else [])]
+    return load_config(CONFIGS / f"{config}.toml", overrides)
+
+
+@pytest.mark.parametrize("config", ["koala-homogeneous", "koala-heterogeneous"])
+def test_the_shipped_row_is_the_shipped_config(fidelity, config: str) -> None:
+    row = fidelity.SHIPPED_ROWS[config]
+    assert fidelity.ROWS[row].config == config
+    assert _resolved(fidelity, config, row) == _resolved(fidelity, config, None)
+
+
+def test_the_map_centre_is_not_the_shipped_recipe(fidelity) -> None:
+    centre = _resolved(fidelity, "koala-homogeneous", "koala +initial-forward")
+    shipped = _resolved(fidelity, "koala-homogeneous", None)
+    assert (centre.models.small, centre.client.epochs) == (["lenet"], 1)
+    assert centre != shipped
