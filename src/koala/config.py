@@ -232,6 +232,12 @@ class DistillConfig(_Section):
         "least as confident as the large model was before the round, else its own prediction (label-free "
         "selective fusion)",
     )
+    reverse_guard_size: int = Field(
+        0, ge=0,
+        description="keep the large model's better self: this many labelled server images (the last of them) are "
+        "held out of pretraining and cross-entropy, and a round's reverse distillation is kept only if the large "
+        "model is at least as accurate on them as before it; else the large model and its momentum stay (0 = off)",
+    )
     initial_forward_epochs: int = Field(
         0, ge=0,
         description="before round 1, distil the starting large model into every small model for this many epochs "
@@ -326,6 +332,8 @@ class ExperimentConfig(_Section):
                     f"{setting} needs a labelled server set: set data.proxy-labelled "
                     "to the number of proxy images the server has labels for"
                 )
+        if self.distill.reverse_guard_size:
+            _check_guard(self)
         if self.distill.initial_forward_epochs and self.large_init.kind == "random":
             raise ValueError(
                 "distill.initial-forward-epochs > 0 distils the starting large model into the small ones, but "
@@ -344,6 +352,19 @@ class ExperimentConfig(_Section):
                 "to the number of proxy images the server has labels for"
             )
         return self
+
+
+def _check_guard(config: ExperimentConfig) -> None:
+    """The guard's images come out of the labelled server set; what needs labels keeps the rest."""
+    guard, labelled = config.distill.reverse_guard_size, config.data.proxy_labelled
+    needs_rest = (config.distill.reverse_ce_weight > 0 or config.distill.reverse_kd_scaling != "none"
+                  or config.large_init.kind == "pretrain")
+    if labelled < guard or (needs_rest and labelled == guard):
+        rest = " and leave some for pretraining and cross-entropy" if needs_rest else ""
+        raise ValueError(
+            f"distill.reverse-guard-size = {guard} holds out that many labelled server images, but "
+            f"data.proxy-labelled = {labelled}: lower distill.reverse-guard-size or raise data.proxy-labelled{rest}"
+        )
 
 
 def _check_device_classes(config: ExperimentConfig) -> None:

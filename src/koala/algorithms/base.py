@@ -63,6 +63,9 @@ class ServerData:
     """Held-out training images to choose settings on (`data.validation-size`); only evaluated."""
     client_sizes: tuple[int, ...] = ()
     """How many examples each client holds, by client id: what an honest update reports."""
+    guard: ImageSplit | None = None
+    """Labelled server images held out of `labelled` (its tail in the proxy set) to check each
+    round's reverse distillation (`distill.reverse-guard-size`); only evaluated."""
 
 
 @dataclass

@@ -7,7 +7,8 @@ Homogeneous mode is the special case of a single small architecture. A round, on
 2. reverse distillation: the round's teachers (each architecture's averaged model, or the mean
    logits of its clients' models) are softened, fused across architectures and distilled into
    the large model on the proxy set, optionally beside cross-entropy on the server's labelled
-   images and anchored to the large model's own predictions (`anchored_targets`);
+   images and anchored to the large model's own predictions (`anchored_targets`), and undone when
+   it lowers the large model's accuracy on held-out labelled images (`distill.reverse-guard-size`);
 3. forward distillation: the large model's softened outputs are distilled into every small model,
    which the clients receive next round.
 
@@ -100,6 +101,10 @@ class Koala(Algorithm):
         momentum = dict(state.optimizers)
         with metrics.timed("reverse-distill"):
             large_model, momentum[REVERSE] = self._reverse_distill(state, updates, groups, round_number, metrics)
+            if self.server_data.guard is not None and not self._guard_keeps(large_model, state.large, metrics):
+                # the round's distillation is undone: the large model and its momentum as they were
+                large_model = instantiate(self.config.models.large, self.spec, state.large, self.device)
+                momentum = dict(state.optimizers)
         with metrics.timed("forward-distill"):
             if self.forward_distills(round_number):
                 # the large model's targets are made once, for every small architecture
@@ -171,6 +176,18 @@ class Koala(Algorithm):
         metrics.add_work(self.config.models.large, "train", outcome.samples)
         metrics.add_work(self.config.models.large, "inference", outcome.held_out_passes)
         return student, outcome.momentum
+
+    def _guard_keeps(self, distilled: torch.nn.Module, before: StateDict, metrics: RoundMetrics) -> bool:
+        """Whether the round's reverse distillation is kept: the `distilled` large model is at least as
+        accurate on the guard images (`distill.reverse-guard-size`) as it was `before` the round."""
+        guard = self.server_data.guard
+        assert guard is not None and before is not None
+        previous = instantiate(self.config.models.large, self.spec, before, self.device)
+        accuracy_before, accuracy_after = evaluate(previous, guard)["accuracy"], evaluate(distilled, guard)["accuracy"]
+        metrics.add_work(self.config.models.large, "inference", 2 * len(guard))
+        kept = accuracy_after >= accuracy_before
+        metrics.values["reverse-guard"] = {"before": accuracy_before, "after": accuracy_after, "kept": kept}
+        return kept
 
     def _anchored(
         self, teacher: TargetFunction, large: StateDict, metrics: RoundMetrics

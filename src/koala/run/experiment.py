@@ -10,6 +10,7 @@ import torch
 from koala.accounting.measure import CostTable
 from koala.algorithms import Algorithm, ServerData, algorithm_class, make_algorithm
 from koala.config import ExperimentConfig
+from koala.data.dataset import ImageSplit
 from koala.data.federated import FederatedSplit, load_federated_split
 from koala.device import resolve_device
 from koala.dp_sgd import check_dp_sgd, resolve_sample_privacy
@@ -54,6 +55,15 @@ class Experiment:
         }
 
 
+def _hold_out_guard(labelled: ImageSplit | None, size: int) -> tuple[ImageSplit | None, ImageSplit | None]:
+    """The labelled server set without its last `size` images, and those images (the guard)."""
+    if labelled is None or size == 0:
+        return labelled, None
+    kept = len(labelled) - size
+    rest = labelled.subset(torch.arange(kept, device=labelled.labels.device)) if kept else None
+    return rest, labelled.subset(torch.arange(kept, len(labelled), device=labelled.labels.device))
+
+
 def prepare_experiment(config: ExperimentConfig) -> Experiment:
     """Load and split the data, check the models and build the algorithm (nothing written yet)."""
     if config.threads:
@@ -62,8 +72,9 @@ def prepare_experiment(config: ExperimentConfig) -> Experiment:
     split = load_federated_split(config.data, config.seed).to(device)
     spec = split.input_spec
     pooled = split.client_pool.subset(torch.cat(split.client_indices)) if algorithm_class(config).pools_client_data else None
-    server_data = ServerData(split.proxy_images, split.labelled_server, split.test, pooled, split.validation,
-                             tuple(split.client_sizes()))
+    labelled, guard = _hold_out_guard(split.labelled_server, config.distill.reverse_guard_size)
+    server_data = ServerData(split.proxy_images, labelled, split.test, pooled, split.validation,
+                             tuple(split.client_sizes()), guard)
     algorithm = make_algorithm(config, spec, server_data, device)
     costs = CostTable(spec, config.client.batch_size, momentum=config.client.momentum > 0)
     experiment = Experiment(config, split, spec, algorithm, device, costs)

@@ -1,0 +1,75 @@
+"""Keeping the large model's better self (`distill.reverse-guard-size`): labelled server images held
+out of pretraining and cross-entropy decide whether a round's reverse distillation is kept."""
+
+from pathlib import Path
+
+import pytest
+import torch
+from helpers import BASE, DIGITS_KOALA
+
+from koala.config import load_config
+from koala.errors import ConfigError
+from koala.run.experiment import prepare_experiment
+from koala.run.launch import run_local
+from koala.run.run_dir import read_metrics
+
+# a large model pretrained on the labelled proxy images, then rounds of pure KD whose first
+# teachers are untrained small models: round 1 pulls the large model far down (tests/test_anchors.py)
+PRETRAINED = [*DIGITS_KOALA, "rounds=2", "client.epochs=1", "distill.temperature=3.0", "data.proxy-labelled=300",
+              "large-init.kind='pretrain'", "large-init.pretrain.epochs=20", "distill.reverse.epochs=3"]
+GUARD = "distill.reverse-guard-size=100"
+
+
+def test_the_guard_images_are_the_labelled_sets_tail_and_leave_pretraining_and_cross_entropy() -> None:
+    config = load_config(BASE, [*PRETRAINED, GUARD, "distill.reverse-ce-weight=1.0"])
+    experiment = prepare_experiment(config)
+    server, split = experiment.algorithm.server_data, experiment.split
+    assert (len(server.labelled), len(server.guard)) == (200, 100)
+    torch.testing.assert_close(server.labelled.images, split.proxy_images[:200])
+    torch.testing.assert_close(server.guard.images, split.proxy_images[200:300])
+    torch.testing.assert_close(server.guard.labels, split.labelled_server.labels[200:])
+    labels = experiment.algorithm._proxy_labels()
+    assert (labels[:200] >= 0).all() and (labels[200:] == -1).all()  # no cross-entropy on the guard
+    # off, the labelled set is whole and there is no guard
+    plain = prepare_experiment(load_config(BASE, PRETRAINED)).algorithm.server_data
+    assert (len(plain.labelled), plain.guard) == (300, None)
+
+
+def _run(tmp_path: Path, name: str, *extra: str) -> list[dict]:
+    run_local(load_config(BASE, [*PRETRAINED, *extra]), tmp_path / name, echo=lambda _: None)
+    return read_metrics(tmp_path / name)
+
+
+def test_a_distillation_that_lowers_the_guards_accuracy_is_undone(tmp_path: Path) -> None:
+    unguarded = _run(tmp_path, "unguarded", "data.proxy-labelled=200")  # pretrained on the same 200 images
+    guarded = _run(tmp_path, "guarded", GUARD)
+    start = guarded[0]["eval"]["large"]["accuracy"]
+    assert unguarded[0]["eval"]["large"]["accuracy"] == start
+    assert unguarded[1]["eval"]["large"]["accuracy"] < start - 0.3  # unguarded, round 1 wipes out the start
+    verdict = guarded[1]["reverse-guard"]
+    assert not verdict["kept"] and verdict["after"] < verdict["before"]
+    assert guarded[1]["eval"]["large"] == guarded[0]["eval"]["large"]  # the start, exactly
+    for line in guarded[1:]:
+        assert line["reverse-guard"]["kept"] == (line["reverse-guard"]["after"] >= line["reverse-guard"]["before"])
+    # the guard's check is two inference passes of the large model over its 100 images
+    assert guarded[1]["resources"]["server-flops"] > unguarded[1]["resources"]["server-flops"]
+
+
+def test_a_distillation_that_helps_is_kept(tmp_path: Path) -> None:
+    # teachers that carry the start (initial forward distillation) and cross-entropy beside KD
+    lines = _run(tmp_path, "helped", GUARD, "distill.initial-forward-epochs=10", "distill.forward.lr=0.05",
+                 "distill.reverse-ce-weight=1.0")
+    kept = [line for line in lines[1:] if line["reverse-guard"]["kept"]]
+    assert kept
+    for line in kept:
+        previous = lines[line["round"] - 1]["eval"]["large"]
+        assert line["eval"]["large"] != previous  # the distilled model is the one evaluated
+
+
+@pytest.mark.parametrize(("overrides", "expected"), [
+    (["distill.reverse-guard-size=400"], "distill.reverse-guard-size = 400"),
+    (["distill.reverse-guard-size=300"], "leave some for pretraining"),  # the pretraining needs labelled images
+])
+def test_a_guard_larger_than_the_labelled_set_is_refused_by_name(overrides: list[str], expected: str) -> None:
+    with pytest.raises(ConfigError, match=expected):
+        load_config(BASE, [*PRETRAINED, *overrides])
