@@ -146,6 +146,9 @@ ROWS: dict[str, Row] = {
     "koala +initial-forward reverse-epochs=3": _map_row("distill.reverse.epochs=3", group="reverse-epochs"),
     # and on the shipped recipe: server work only, the clients' cost unchanged
     f"{SHIPPED} reverse-epochs=3": _koala(*SHIPPED_LEVERS, "distill.reverse.epochs=3", group="reverse-epochs"),
+    # keeping the large model's better self: 200 of the 1,000 labelled images leave pretraining and CE
+    # to undo any round's reverse distillation that lowers the large model's accuracy on them
+    f"{SHIPPED} +guard=200": _koala(*SHIPPED_LEVERS, "distill.reverse-guard-size=200", group="anchors"),
     # more from the same proxy images: augmented reverse batches (the teachers see the same view), the
     # clients' models as an ensemble instead of their average
     "koala +initial-forward +augment": _map_row("distill.reverse.flip=true", "distill.reverse.max-shift=2",
