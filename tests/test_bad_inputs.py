@@ -114,6 +114,9 @@ CASES: dict[str, Case] = {
                                    "large-init.kind = 'pretrain' needs a labelled server set"),
     "labels term without labels": ([str(BASE), *_set("distill.reverse-ce-weight=1.0")],
                                   "distill.reverse-ce-weight > 0 needs a labelled server set"),
+    "a guard larger than the labelled set": (
+        [str(BASE), *_set("distill.reverse-guard-size=400", "data.proxy-labelled=300")],
+        "distill.reverse-guard-size = 400 holds out that many labelled server images, but data.proxy-labelled = 300"),
     "min-replies above the sample": ([str(BASE), *_set("client.min-replies=20")],
                                      "client.min-replies = 20 but a round samples only 10 client(s)"),
     "vectorised training of a model with dropout": (
