@@ -1,17 +1,19 @@
 """Keeping the large model's better self (`distill.reverse-guard-size`): labelled server images held
 out of pretraining and cross-entropy decide whether a round's reverse distillation is kept."""
 
+import json
 from pathlib import Path
 
 import pytest
 import torch
 from helpers import BASE, DIGITS_KOALA
 
-from koala.config import load_config
+from koala.config import config_to_toml, load_config
 from koala.errors import ConfigError
 from koala.run.experiment import prepare_experiment
 from koala.run.launch import run_local
-from koala.run.run_dir import read_metrics
+from koala.run.checkpoint import load_checkpoint
+from koala.run.run_dir import SUMMARY_FILE, read_metrics
 
 # a large model pretrained on the labelled proxy images, then rounds of pure KD whose first
 # teachers are untrained small models: round 1 pulls the large model far down (tests/test_anchors.py)
@@ -49,10 +51,26 @@ def test_a_distillation_that_lowers_the_guards_accuracy_is_undone(tmp_path: Path
     verdict = guarded[1]["reverse-guard"]
     assert not verdict["kept"] and verdict["after"] < verdict["before"]
     assert guarded[1]["eval"]["large"] == guarded[0]["eval"]["large"]  # the start, exactly
+    # the summary names the undone rounds, the description the guard's size
+    summary = json.loads((tmp_path / "guarded" / SUMMARY_FILE).read_text())
+    assert 1 in summary["reverse-guard-undone"] and summary["split"]["labelled-guard"] == 100
+    assert "reverse-guard-undone" not in json.loads((tmp_path / "unguarded" / SUMMARY_FILE).read_text())
     for line in guarded[1:]:
         assert line["reverse-guard"]["kept"] == (line["reverse-guard"]["after"] >= line["reverse-guard"]["before"])
     # the guard's check is two inference passes of the large model over its 100 images
     assert guarded[1]["resources"]["server-flops"] > unguarded[1]["resources"]["server-flops"]
+
+
+def test_an_undone_round_leaves_the_reverse_momentum_as_it_was(tmp_path: Path) -> None:
+    # round 1 has no reverse momentum before it: undone, it has none after (the forward ones are the round's)
+    momenta = {}
+    for name, extra in (("kept", []), ("undone", [GUARD])):
+        config = load_config(BASE, [*PRETRAINED, *extra, "rounds=1", "distill.keep-optimizer-state=true"])
+        run_local(config, tmp_path / name, echo=lambda _: None)
+        momenta[name] = load_checkpoint(tmp_path / name, config_to_toml(config), torch.device("cpu")).state.optimizers
+    assert set(momenta["kept"]) == {"reverse", "forward:lenet"}
+    assert set(momenta["undone"]) == {"forward:lenet"}
+    assert read_metrics(tmp_path / "undone")[1]["reverse-guard"]["kept"] is False
 
 
 def test_a_distillation_that_helps_is_kept(tmp_path: Path) -> None:
@@ -69,6 +87,7 @@ def test_a_distillation_that_helps_is_kept(tmp_path: Path) -> None:
 @pytest.mark.parametrize(("overrides", "expected"), [
     (["distill.reverse-guard-size=400"], "distill.reverse-guard-size = 400"),
     (["distill.reverse-guard-size=300"], "leave some for pretraining"),  # the pretraining needs labelled images
+    (["distill.reverse-guard-size=100", "algorithm='fedavg-large'"], "which algorithm = 'fedavg-large' does not do"),
 ])
 def test_a_guard_larger_than_the_labelled_set_is_refused_by_name(overrides: list[str], expected: str) -> None:
     with pytest.raises(ConfigError, match=expected):

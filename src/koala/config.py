@@ -234,9 +234,10 @@ class DistillConfig(_Section):
     )
     reverse_guard_size: int = Field(
         0, ge=0,
-        description="keep the large model's better self: this many labelled server images (the last of them) are "
-        "held out of pretraining and cross-entropy, and a round's reverse distillation is kept only if the large "
-        "model is at least as accurate on them as before it; else the large model and its momentum stay (0 = off)",
+        description="keep the large model's better self (koala, feddf): the labels of this many labelled server "
+        "images (the last of them; the images stay in the proxy set) are held out of pretraining, cross-entropy "
+        "and teacher-quality scaling, and a round's reverse distillation is kept only if the large model is at "
+        "least as accurate on them as before it; else the large model and its momentum stay (0 = off)",
     )
     initial_forward_epochs: int = Field(
         0, ge=0,
@@ -357,6 +358,11 @@ class ExperimentConfig(_Section):
 def _check_guard(config: ExperimentConfig) -> None:
     """The guard's images come out of the labelled server set; what needs labels keeps the rest."""
     guard, labelled = config.distill.reverse_guard_size, config.data.proxy_labelled
+    if config.algorithm not in ("koala", "feddf"):
+        raise ValueError(
+            f"distill.reverse-guard-size guards reverse distillation, which algorithm = '{config.algorithm}' does "
+            "not do: set distill.reverse-guard-size = 0, or algorithm = 'koala'"
+        )
     needs_rest = (config.distill.reverse_ce_weight > 0 or config.distill.reverse_kd_scaling != "none"
                   or config.large_init.kind == "pretrain")
     if labelled < guard or (needs_rest and labelled == guard):

@@ -64,8 +64,8 @@ class ServerData:
     client_sizes: tuple[int, ...] = ()
     """How many examples each client holds, by client id: what an honest update reports."""
     guard: ImageSplit | None = None
-    """Labelled server images held out of `labelled` (its tail in the proxy set) to check each
-    round's reverse distillation (`distill.reverse-guard-size`); only evaluated."""
+    """Labelled server images whose labels are held out of `labelled` (the proxy images just after
+    it) to check each round's reverse distillation (`distill.reverse-guard-size`); only evaluated."""
 
 
 @dataclass

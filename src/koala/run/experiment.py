@@ -50,9 +50,14 @@ class Experiment:
             "large": models.large,
             "small": dict(sorted(architectures.items())),
             **({"devices": [plan.describe() for plan in self.algorithm.device_plan]} if self.algorithm.device_plan else {}),
-            "split": self.split.describe(),
+            "split": {**self.split.describe(), **self._guard_size()},
             "device": str(self.device),
         }
+
+    def _guard_size(self) -> dict[str, int]:
+        """How many of the labelled server images are the guard's (`distill.reverse-guard-size`)."""
+        guard = self.algorithm.server_data.guard
+        return {} if guard is None else {"labelled-guard": len(guard)}
 
 
 def _hold_out_guard(labelled: ImageSplit | None, size: int) -> tuple[ImageSplit | None, ImageSplit | None]:

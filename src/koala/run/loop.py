@@ -127,6 +127,8 @@ def summarise(
     evaluated = [line for line in history if "eval" in line]
     rounds = [line for line in evaluated if line["round"] > 0] or evaluated
     best = {model: max(line["eval"][model]["accuracy"] for line in rounds) for model in evaluated[-1]["eval"]}
+    guarded = [line for line in history if "reverse-guard" in line]
+    undone = {"reverse-guard-undone": [line["round"] for line in guarded if not line["reverse-guard"]["kept"]]}
     validation = {}
     if "eval-validation" in evaluated[-1]:
         validation = {"validation": {"start": evaluated[0]["eval-validation"], "final": evaluated[-1]["eval-validation"]}}
@@ -137,6 +139,7 @@ def summarise(
         "final": evaluated[-1]["eval"],
         "best-accuracy": best,
         **validation,
+        **(undone if guarded else {}),
         "wall-time": round(wall_time, 2),
         "resources": resources["totals"],
         "reductions-vs-fedavg-large": {

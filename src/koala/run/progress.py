@@ -20,6 +20,8 @@ def format_progress(line: dict[str, Any], total_rounds: int, elapsed: float | No
         for key in ("failed", "rejected", "clipped"):
             if line.get(key):
                 parts.append(f"{key} {len(line[key])}")
+        if not line.get("reverse-guard", {"kept": True})["kept"]:
+            parts.append("reverse distillation undone (guard)")
         if line["train-loss"] is not None:
             parts.append(f"train-loss {line['train-loss']:.3f}")
         privacy = line.get("privacy", {})
