@@ -8,7 +8,7 @@ they move around the recipe this map started from: `koala-homogeneous` as issue 
 without the initial forward distillation (row `koala`). The regime map is centred on row
 `koala +initial-forward` (that recipe with the initial forward distillation); the recipe that
 configs/koala-homogeneous.toml now ships, chosen on validation, is row
-`koala +initial-forward lenet-narrow epochs=3`.
+`koala +initial-forward lenet-narrow epochs=3 reverse-epochs=3` (SHIPPED).
 
     python benchmarks/fidelity.py run --rows koala "fedavg-large lr=0.01" --seeds 0 1 2 --out OUT
     python benchmarks/fidelity.py select --group distill-lr --out OUT        # validation only
@@ -75,9 +75,12 @@ def _map_row(*overrides: str, group: str) -> Row:
     return _koala(*INITIAL_FORWARD, *overrides, group=group)
 
 
-SHIPPED = "koala +initial-forward lenet-narrow epochs=3"
+SHIPPED_CLIENTS = "koala +initial-forward lenet-narrow epochs=3"
+"""The shipped clients (lenet-narrow, 3 local epochs) with 1 reverse epoch: shipped before SHIPPED."""
+SHIPPED_CLIENT_LEVERS = [*INITIAL_FORWARD, "models.small=['lenet-narrow']", "client.epochs=3"]
+SHIPPED = f"{SHIPPED_CLIENTS} reverse-epochs=3"
 """The row that configs/koala-homogeneous.toml ships (chosen on validation)."""
-SHIPPED_LEVERS = [*INITIAL_FORWARD, "models.small=['lenet-narrow']", "client.epochs=3"]
+SHIPPED_LEVERS = [*SHIPPED_CLIENT_LEVERS, "distill.reverse.epochs=3"]
 """What configs/koala-homogeneous.toml ships on top of ISSUE_7_RECIPE (row SHIPPED)."""
 
 HETEROGENEOUS_RECIPE = ["models.small=['lenet', 'shufflenetv2-0.5']", "client.epochs=1"]
@@ -144,11 +147,11 @@ ROWS: dict[str, Row] = {
     **{f"koala +initial-forward labelled={n}": _map_row(f"data.proxy-labelled={n}", group="labelled")
        for n in (100, 5000)},
     "koala +initial-forward reverse-epochs=3": _map_row("distill.reverse.epochs=3", group="reverse-epochs"),
-    # and on the shipped recipe: server work only, the clients' cost unchanged
-    f"{SHIPPED} reverse-epochs=3": _koala(*SHIPPED_LEVERS, "distill.reverse.epochs=3", group="reverse-epochs"),
+    # and on the shipped clients: server work only, the clients' cost unchanged (what the config ships)
+    SHIPPED: _koala(*SHIPPED_LEVERS, group="reverse-epochs"),
     # keeping the large model's better self: 200 of the 1,000 labelled images leave pretraining and CE
     # to undo any round's reverse distillation that lowers the large model's accuracy on them
-    f"{SHIPPED} +guard=200": _koala(*SHIPPED_LEVERS, "distill.reverse-guard-size=200", group="anchors"),
+    f"{SHIPPED_CLIENTS} +guard=200": _koala(*SHIPPED_CLIENT_LEVERS, "distill.reverse-guard-size=200", group="anchors"),
     # more from the same proxy images: augmented reverse batches (the teachers see the same view), the
     # clients' models as an ensemble instead of their average
     "koala +initial-forward +augment": _map_row("distill.reverse.flip=true", "distill.reverse.max-shift=2",
@@ -163,12 +166,12 @@ ROWS: dict[str, Row] = {
     **{f"koala {arch}": _koala(f"models.small=['{arch}']", group="ladder") for arch in LADDER if arch != "lenet"},
     **{f"koala lenet-narrow epochs={e}": _koala("models.small=['lenet-narrow']", f"client.epochs={e}", group="ladder")
        for e in (2, 5)},
-    # the ladder around the map's centre (lenet-narrow at 3 epochs is what configs/koala-homogeneous.toml ships)
+    # the ladder around the map's centre (lenet-narrow at 3 epochs is what configs/koala-homogeneous.toml's clients train)
     **{f"koala +initial-forward {arch}": _map_row(f"models.small=['{arch}']", group="ladder")
        for arch in LADDER if arch != "lenet"},
     **{f"koala +initial-forward lenet-narrow epochs={e}": _map_row("models.small=['lenet-narrow']", f"client.epochs={e}",
                                                                   group="ladder") for e in (2, 5)},
-    SHIPPED: _koala(*SHIPPED_LEVERS, group="ladder"),
+    SHIPPED_CLIENTS: _koala(*SHIPPED_CLIENT_LEVERS, group="ladder"),
     # heterogeneous mode at full data: as shipped, and with two LeNets of different width at the
     # homogeneous recipe's 3 local epochs (weak devices on lenet-narrow, stronger ones on LeNet)
     "heterogeneous": _heterogeneous(),
@@ -307,7 +310,7 @@ def select(group: str, seeds: list[int], out: Path, at_round: int) -> str:
     rows = [name for name, row in ROWS.items() if row.group == group]
     if group not in ("fedavg-large-lr", "fedavg-small", "label-free"):
         # the references that the group's rows move one dimension away from
-        rows[:0] = [name for name in ("koala", "koala +initial-forward", SHIPPED) if name not in rows]
+        rows[:0] = [name for name in ("koala", "koala +initial-forward", SHIPPED_CLIENTS, SHIPPED) if name not in rows]
     ranked = []
     for row in rows:
         runs = _runs(out, row, seeds)
@@ -377,7 +380,7 @@ def frontier(seeds: list[int], out: Path, split: str, at_round: int, plot: Path 
     points: list[tuple[str, str, float, float, float | None]] = []  # (kind, label, flops, final, selected)
     koala_rows = {"koala": "lenet", "koala +initial-forward": "+initial-forward lenet",
                   **{name: name.removeprefix("koala ") for name, row in ROWS.items() if row.group in ("ladder", "epochs", "heterogeneous")}}
-    koala_rows[SHIPPED] += ", shipped recipe"
+    koala_rows[SHIPPED] = SHIPPED.removeprefix("koala ") + ", shipped recipe"
     groups = [(name, "KOALA large model", label) for name, label in koala_rows.items()]
     groups += [(name, "FedAvg-small" if row.group == "fedavg-small" else "FedAvg-large", name.split(" ", 1)[1])
                for name, row in ROWS.items() if row.group in ("fedavg-small", "fedavg-large-lr")]
