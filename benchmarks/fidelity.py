@@ -412,6 +412,9 @@ def frontier(seeds: list[int], out: Path, split: str, at_round: int, plot: Path 
                         label=f"{kind}, best validation round")
             for _, label, flops, final, _ in chosen:
                 ax.annotate(label, (flops / 1e12, 100 * final), fontsize=6, xytext=(3, 3), textcoords="offset points")
+        tuned = [p[4] for p in points if p[0] == "FedAvg-large" and p[4] is not None]
+        if tuned:  # the target: the best-tuned FedAvg-large at its best validation round, less half a point
+            ax.axhline(100 * max(tuned) - 0.5, ls="--", lw=0.8, color="grey", label="FedAvg-large (tuned) − 0.5")
         ax.set(xscale="log", xlabel="clients' training TFLOPs a round (all 20 clients)",
                ylabel=f"{split} accuracy (%)", title="Accuracy against client compute", ylim=(75, 90))
         ax.grid(True, alpha=0.3)
