@@ -11,8 +11,8 @@ from helpers import BASE, DIGITS_KOALA
 from koala.config import config_to_toml, load_config
 from koala.errors import ConfigError
 from koala.run.experiment import prepare_experiment
-from koala.run.launch import run_local
 from koala.run.checkpoint import load_checkpoint
+from koala.run.launch import run_local
 from koala.run.run_dir import SUMMARY_FILE, read_metrics
 
 # a large model pretrained on the labelled proxy images, then rounds of pure KD whose first

@@ -101,10 +101,11 @@ class Koala(Algorithm):
         momentum = dict(state.optimizers)
         with metrics.timed("reverse-distill"):
             large_model, momentum[REVERSE] = self._reverse_distill(state, updates, groups, round_number, metrics)
-            if self.server_data.guard is not None and not self._guard_keeps(large_model, state.large, metrics):
-                # the round's distillation is undone: the large model and its momentum as they were
-                large_model = instantiate(self.config.models.large, self.spec, state.large, self.device)
-                momentum = dict(state.optimizers)
+            if self.server_data.guard is not None:
+                previous = instantiate(self.config.models.large, self.spec, state.large, self.device)
+                if not self._guard_keeps(large_model, previous, metrics):
+                    # the round's distillation is undone: the large model and its momentum as they were
+                    large_model, momentum = previous, dict(state.optimizers)
         with metrics.timed("forward-distill"):
             if self.forward_distills(round_number):
                 # the large model's targets are made once, for every small architecture
@@ -177,12 +178,11 @@ class Koala(Algorithm):
         metrics.add_work(self.config.models.large, "inference", outcome.held_out_passes)
         return student, outcome.momentum
 
-    def _guard_keeps(self, distilled: torch.nn.Module, before: StateDict, metrics: RoundMetrics) -> bool:
+    def _guard_keeps(self, distilled: torch.nn.Module, previous: torch.nn.Module, metrics: RoundMetrics) -> bool:
         """Whether the round's reverse distillation is kept: the `distilled` large model is at least as
-        accurate on the guard images (`distill.reverse-guard-size`) as it was `before` the round."""
+        accurate on the guard images (`distill.reverse-guard-size`) as the `previous` one, from before the round."""
         guard = self.server_data.guard
-        assert guard is not None and before is not None
-        previous = instantiate(self.config.models.large, self.spec, before, self.device)
+        assert guard is not None
         accuracy_before, accuracy_after = evaluate(previous, guard)["accuracy"], evaluate(distilled, guard)["accuracy"]
         metrics.add_work(self.config.models.large, "inference", 2 * len(guard))
         kept = accuracy_after >= accuracy_before
