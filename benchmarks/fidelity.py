@@ -393,12 +393,14 @@ def frontier(seeds: list[int], out: Path, split: str, at_round: int, plot: Path 
         selected = statistics.mean(c[1] for c in chosen) if chosen and all(chosen) else None
         points.append((kind, label, statistics.mean(r.client_flops_per_round(at_round) for r in runs),
                        statistics.mean(r.accuracy(split, at_round=at_round) for r in runs), selected))
+    points.sort(key=lambda p: (p[0], p[2]))  # the plot's points carry their row number in this table
     large_flops = next((p[2] for p in points if p[0] == "FedAvg-large"), None)
-    lines = [f"| method | model / setting | client TFLOPs / round | fewer than FedAvg-large | {split} accuracy, round {at_round} "
-             f"| at the best validation round ≤ {at_round} |", "|---|---|---|---|---|---|"]
-    lines += [f"| {kind} | {label} | {flops / 1e12:.3f} | {'–' if large_flops is None else f'{100 * (1 - flops / large_flops):.1f} %'} "
+    lines = [f"| # | method | model / setting | client TFLOPs / round | fewer than FedAvg-large | {split} accuracy, round {at_round} "
+             f"| at the best validation round ≤ {at_round} |", "|---:|---|---|---|---|---|---|"]
+    lines += [f"| {number} | {kind} | {label} | {flops / 1e12:.3f} | "
+              f"{'–' if large_flops is None else f'{100 * (1 - flops / large_flops):.1f} %'} "
               f"| {100 * final:.2f} | {'–' if selected is None else f'{100 * selected:.2f}'} |"
-              for kind, label, flops, final, selected in sorted(points, key=lambda p: (p[0], p[2]))]
+              for number, (kind, label, flops, final, selected) in enumerate(points, start=1)]
     if plot is not None:
         fig, ax = plt.subplots(figsize=(9, 6))
         for kind, marker in (("KOALA large model", "o"), ("FedAvg-small", "s"), ("FedAvg-large", "^")):
@@ -410,13 +412,14 @@ def frontier(seeds: list[int], out: Path, split: str, at_round: int, plot: Path 
             if best:
                 ax.plot([p[2] / 1e12 for p in best], [100 * p[4] for p in best], marker, mfc="none", color=dots.get_color(),
                         label=f"{kind}, best validation round")
-            for _, label, flops, final, _ in chosen:
-                ax.annotate(label, (flops / 1e12, 100 * final), fontsize=6, xytext=(3, 3), textcoords="offset points")
+        # numbers, not labels: the labels of points a few GFLOPs apart overprint one another
+        for number, (_, _, flops, final, _) in enumerate(points, start=1):
+            ax.annotate(str(number), (flops / 1e12, 100 * final), fontsize=7, xytext=(3, 3), textcoords="offset points")
         tuned = [p[4] for p in points if p[0] == "FedAvg-large" and p[4] is not None]
         if tuned:  # the target: the best-tuned FedAvg-large at its best validation round, less half a point
             ax.axhline(100 * max(tuned) - 0.5, ls="--", lw=0.8, color="grey", label="FedAvg-large (tuned) − 0.5")
         ax.set(xscale="log", xlabel="clients' training TFLOPs a round (all 20 clients)",
-               ylabel=f"{split} accuracy (%)", title="Accuracy against client compute", ylim=(75, 90))
+               ylabel=f"{split} accuracy (%)", title="Accuracy against client compute (numbers: the rows of the frontier table)", ylim=(75, 90))
         ax.grid(True, alpha=0.3)
         ax.legend(fontsize=7, loc="lower right")
         save_figure(fig, plot)
