@@ -117,6 +117,10 @@ CASES: dict[str, Case] = {
     "a guard larger than the labelled set": (
         [str(BASE), *_set("distill.reverse-guard-size=400", "data.proxy-labelled=300")],
         "distill.reverse-guard-size = 400 holds out that many labelled server images, but data.proxy-labelled = 300"),
+    "a guard tolerance without a guard": (
+        [str(BASE), *_set("distill.reverse-guard-tolerance=0.02")],
+        "distill.reverse-guard-tolerance = 0.02 is the guard's tolerance, but distill.reverse-guard-size = 0 turns "
+        "the guard off"),
     "min-replies above the sample": ([str(BASE), *_set("client.min-replies=20")],
                                      "client.min-replies = 20 but a round samples only 10 client(s)"),
     "vectorised training of a model with dropout": (

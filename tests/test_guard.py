@@ -61,6 +61,20 @@ def test_a_distillation_that_lowers_the_guards_accuracy_is_undone(tmp_path: Path
     assert guarded[1]["resources"]["server-flops"] > unguarded[1]["resources"]["server-flops"]
 
 
+def test_a_tolerance_keeps_a_fall_within_it_and_undoes_a_larger_one(tmp_path: Path) -> None:
+    strict = _run(tmp_path, "strict", GUARD)[1]["reverse-guard"]  # round 1's distillation wipes out the start
+    fall = strict["before"] - strict["after"]
+    assert fall > 0.1 and not strict["kept"]
+    # a tolerance just over the fall keeps the round: the large model is the one an unguarded run distils
+    wide = _run(tmp_path, "wide", GUARD, f"distill.reverse-guard-tolerance={fall + 0.01:.4f}")
+    unguarded = _run(tmp_path, "unguarded", "data.proxy-labelled=200")
+    assert wide[1]["reverse-guard"] == {**strict, "kept": True}
+    assert wide[1]["eval"]["large"] == unguarded[1]["eval"]["large"] != wide[0]["eval"]["large"]
+    # and one just under it undoes the round, as no tolerance does
+    narrow = _run(tmp_path, "narrow", GUARD, f"distill.reverse-guard-tolerance={fall - 0.01:.4f}")
+    assert narrow[1]["reverse-guard"] == strict and narrow[1]["eval"]["large"] == narrow[0]["eval"]["large"]
+
+
 def test_an_undone_round_leaves_the_reverse_momentum_as_it_was(tmp_path: Path) -> None:
     # round 1 has no reverse momentum before it: undone, it has none after (the forward ones are the round's)
     momenta = {}

@@ -239,6 +239,13 @@ class DistillConfig(_Section):
         "and teacher-quality scaling, and a round's reverse distillation is kept only if the large model is at "
         "least as accurate on them as before it; else the large model and its momentum stay (0 = off)",
     )
+    reverse_guard_tolerance: float = Field(
+        0.0, ge=0, lt=1,
+        description="the guard (distill.reverse-guard-size) undoes a round only when the large model's accuracy on "
+        "its images falls more than this below the last kept model's (a fraction: 0.02 = 2 points). A guard of a "
+        "few hundred images varies by a few points between equally good models, and with no tolerance one lucky "
+        "round stops every later one (0 = any fall undoes the round)",
+    )
     initial_forward_epochs: int = Field(
         0, ge=0,
         description="before round 1, distil the starting large model into every small model for this many epochs "
@@ -335,6 +342,12 @@ class ExperimentConfig(_Section):
                 )
         if self.distill.reverse_guard_size:
             _check_guard(self)
+        elif self.distill.reverse_guard_tolerance:
+            raise ValueError(
+                f"distill.reverse-guard-tolerance = {self.distill.reverse_guard_tolerance} is the guard's tolerance, "
+                "but distill.reverse-guard-size = 0 turns the guard off: set distill.reverse-guard-size to the "
+                "number of labelled server images the guard holds out, or distill.reverse-guard-tolerance = 0"
+            )
         if self.distill.initial_forward_epochs and self.large_init.kind == "random":
             raise ValueError(
                 "distill.initial-forward-epochs > 0 distils the starting large model into the small ones, but "
