@@ -152,6 +152,10 @@ ROWS: dict[str, Row] = {
     # keeping the large model's better self: 200 of the 1,000 labelled images leave pretraining and CE
     # to undo any round's reverse distillation that lowers the large model's accuracy on them
     f"{SHIPPED_CLIENTS} +guard=200": _koala(*SHIPPED_CLIENT_LEVERS, "distill.reverse-guard-size=200", group="anchors"),
+    # the same guard, undoing a round only when it falls more than 2 points (4 of the 200 images): without a
+    # tolerance one lucky round stops every later one
+    f"{SHIPPED_CLIENTS} +guard=200 tolerance=0.02": _koala(*SHIPPED_CLIENT_LEVERS, "distill.reverse-guard-size=200",
+                                                          "distill.reverse-guard-tolerance=0.02", group="anchors"),
     # more from the same proxy images: augmented reverse batches (the teachers see the same view), the
     # clients' models as an ensemble instead of their average
     "koala +initial-forward +augment": _map_row("distill.reverse.flip=true", "distill.reverse.max-shift=2",
