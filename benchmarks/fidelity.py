@@ -15,6 +15,7 @@ configs/koala-homogeneous.toml now ships, chosen on validation, is row
     python benchmarks/fidelity.py table --group proxy --seeds 0 1 --out OUT  # test split, for RESULTS
     python benchmarks/fidelity.py frontier --out OUT --plot benchmarks/figures/frontier.png
     python benchmarks/fidelity.py by-round --rows koala "fedavg-large lr=0.01" --out OUT [--plot PNG]
+    python benchmarks/fidelity.py check --seeds 0 1 2 --out OUT   # runs whose config is no longer their row's
 
 Runs are one torch thread each (`threads=1`); start several processes with disjoint rows to use
 more cores. A row's run directory is reused when its summary exists.
@@ -25,7 +26,7 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -35,11 +36,11 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
-from koala.config import load_config  # noqa: E402
+from koala.config import ExperimentConfig, load_config  # noqa: E402
 from koala.report import save_figure  # noqa: E402
 from koala.run.checkpoint import CHECKPOINT_FILE  # noqa: E402
 from koala.run.launch import run_local  # noqa: E402
-from koala.run.run_dir import ENVIRONMENT_FILE, SUMMARY_FILE, read_metrics, read_run_config  # noqa: E402
+from koala.run.run_dir import CONFIG_FILE, ENVIRONMENT_FILE, SUMMARY_FILE, read_metrics, read_run_config  # noqa: E402
 
 CONFIGS = Path(__file__).resolve().parent.parent / "configs"
 REFERENCE = ["data.validation-size=5000", "data.proxy-size=6000", "threads=1"]
@@ -57,9 +58,12 @@ class Row:
     group: str = ""
 
 
-ISSUE_7_RECIPE = ["distill.initial-forward-epochs=0", "models.small=['lenet']", "client.epochs=1"]
-"""What configs/koala-homogeneous.toml was before this map (LeNet clients, 1 local epoch): the KOALA
-rows start from it, so that each keeps meaning what it measured whatever the config now ships."""
+ISSUE_7_RECIPE = ["distill.initial-forward-epochs=0", "models.small=['lenet']", "client.epochs=1",
+                  "distill.reverse.epochs=1"]
+"""What configs/koala-homogeneous.toml was before this map (LeNet clients, 1 local epoch, 1 reverse
+epoch): the KOALA rows start from it, so that each keeps meaning what it measured whatever the config
+now ships. Every lever the config changes since must be pinned here; `check` finds the runs whose
+recorded config differs from their row's (tests/test_benchmark_pins.py pins row `koala` itself)."""
 
 
 def _koala(*overrides: str, group: str, rounds: int = ROUNDS) -> Row:
@@ -194,7 +198,6 @@ def run_dir(out: Path, row: str, seed: int) -> Path:
 
 def run_rows(rows: list[str], seeds: list[int], out: Path, extra: list[str]) -> None:
     for row in rows:
-        spec = ROWS[row]
         for seed in seeds:
             target = run_dir(out, row, seed)
             if (target / SUMMARY_FILE).is_file():
@@ -204,8 +207,45 @@ def run_rows(rows: list[str], seeds: list[int], out: Path, extra: list[str]) -> 
                 print(f"{target} was interrupted, resuming it")
                 run_local(read_run_config(target), target, resume=True)
                 continue
-            overrides = [*REFERENCE, *spec.overrides, f"seed={seed}", f"rounds={spec.rounds}", *extra]
-            run_local(load_config(CONFIGS / f"{spec.config}.toml", overrides), target)
+            run_local(row_config(row, seed, extra), target)
+
+
+def row_config(row: str, seed: int, extra: Sequence[str] = ()) -> ExperimentConfig:
+    """The config of `row` at `seed`, as this file defines it today."""
+    spec = ROWS[row]
+    overrides = [*REFERENCE, *spec.overrides, f"seed={seed}", f"rounds={spec.rounds}", *extra]
+    return load_config(CONFIGS / f"{spec.config}.toml", overrides)
+
+
+def _flat(value: Any, prefix: str = "") -> dict[str, Any]:
+    if not isinstance(value, dict):
+        return {prefix: value}
+    return {key: leaf for name, item in value.items() for key, leaf in _flat(item, f"{prefix}{name}.").items()}
+
+
+def config_drift(recorded: ExperimentConfig, row: str, seed: int) -> dict[str, tuple[Any, Any]]:
+    """The settings (dotted keys) at which a run's `recorded` config differs from what `row` at `seed`
+    is today, with both values: empty when the run still measures its row."""
+    then, now = _flat(recorded.model_dump()), _flat(row_config(row, seed).model_dump())
+    return {key.rstrip("."): (then.get(key), now.get(key)) for key in then.keys() | now.keys() if then.get(key) != now.get(key)}
+
+
+def check(rows: list[str], seeds: list[int], out: Path) -> int:
+    """Print every finished or interrupted run of `rows` whose recorded config is no longer its row's;
+    the number of such runs."""
+    drifted = 0
+    for row in rows:
+        for seed in seeds:
+            target = run_dir(out, row, seed)
+            if not (target / CONFIG_FILE).is_file():
+                continue
+            drift = config_drift(read_run_config(target), row, seed)
+            if drift:
+                drifted += 1
+                print(f"{target.name}: " + ", ".join(f"{key} = {then!r} in the run, {now!r} in the row"
+                                                     for key, (then, now) in sorted(drift.items())))
+    print(f"{drifted} run(s) differ from their row")
+    return drifted
 
 
 # -- reading runs ---------------------------------------------------------------------------------
@@ -432,7 +472,7 @@ def frontier(seeds: list[int], out: Path, split: str, at_round: int, plot: Path 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("command", choices=["run", "table", "select", "frontier", "by-round", "rows"])
+    parser.add_argument("command", choices=["run", "table", "select", "frontier", "by-round", "rows", "check"])
     parser.add_argument("--rows", nargs="+", default=[], metavar="ROW")
     parser.add_argument("--group", choices=GROUPS)
     parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1])
@@ -446,6 +486,8 @@ def main() -> None:
     if unknown:
         parser.error(f"unknown rows {unknown}; `rows` lists them")
     rows = args.rows or [name for name, row in ROWS.items() if args.group is None or row.group == args.group]
+    if args.command == "check":
+        raise SystemExit(1 if check(rows, args.seeds, args.out) else 0)
     commands: dict[str, Callable[[], None]] = {
         "run": lambda: run_rows(rows, args.seeds, args.out, args.set),
         "table": lambda: print(table(rows, args.seeds, args.out, args.split, args.at_round)),
