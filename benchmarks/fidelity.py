@@ -37,10 +37,17 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
 from koala.config import ExperimentConfig, load_config  # noqa: E402
+from koala.errors import KoalaError  # noqa: E402
 from koala.report import save_figure  # noqa: E402
 from koala.run.checkpoint import CHECKPOINT_FILE  # noqa: E402
 from koala.run.launch import run_local  # noqa: E402
-from koala.run.run_dir import CONFIG_FILE, ENVIRONMENT_FILE, SUMMARY_FILE, read_metrics, read_run_config  # noqa: E402
+from koala.run.run_dir import (  # noqa: E402
+    CONFIG_FILE,
+    ENVIRONMENT_FILE,
+    SUMMARY_FILE,
+    read_metrics,
+    read_run_config,
+)
 
 CONFIGS = Path(__file__).resolve().parent.parent / "configs"
 REFERENCE = ["data.validation-size=5000", "data.proxy-size=6000", "threads=1"]
@@ -217,29 +224,38 @@ def row_config(row: str, seed: int, extra: Sequence[str] = ()) -> ExperimentConf
     return load_config(CONFIGS / f"{spec.config}.toml", overrides)
 
 
-def _flat(value: Any, prefix: str = "") -> dict[str, Any]:
-    if not isinstance(value, dict):
-        return {prefix: value}
-    return {key: leaf for name, item in value.items() for key, leaf in _flat(item, f"{prefix}{name}.").items()}
+def _settings(config: ExperimentConfig) -> dict[str, Any]:
+    """Every setting of `config` by its dotted key as the config files spell it (`distill.reverse.epochs`)."""
+    def flat(value: Any, key: str) -> dict[str, Any]:
+        if not isinstance(value, dict):
+            return {key: value}
+        return {k: v for name, item in value.items() for k, v in flat(item, f"{key}.{name}" if key else name).items()}
+    return flat(config.model_dump(by_alias=True), "")
 
 
-def config_drift(recorded: ExperimentConfig, row: str, seed: int) -> dict[str, tuple[Any, Any]]:
-    """The settings (dotted keys) at which a run's `recorded` config differs from what `row` at `seed`
-    is today, with both values: empty when the run still measures its row."""
-    then, now = _flat(recorded.model_dump()), _flat(row_config(row, seed).model_dump())
-    return {key.rstrip("."): (then.get(key), now.get(key)) for key in then.keys() | now.keys() if then.get(key) != now.get(key)}
+def config_drift(recorded: ExperimentConfig, row: str, seed: int, extra: Sequence[str] = ()) -> dict[str, tuple[Any, Any]]:
+    """The settings at which a run's `recorded` config differs from what `row` at `seed` (with the
+    `extra` overrides it was started with) is today, with both values: empty when the run still
+    measures its row."""
+    then, now = _settings(recorded), _settings(row_config(row, seed, extra))
+    return {key: (then.get(key), now.get(key)) for key in then.keys() | now.keys() if then.get(key) != now.get(key)}
 
 
-def check(rows: list[str], seeds: list[int], out: Path) -> int:
-    """Print every finished or interrupted run of `rows` whose recorded config is no longer its row's;
-    the number of such runs."""
+def check(rows: list[str], seeds: list[int], out: Path, extra: Sequence[str]) -> int:
+    """Print every finished or interrupted run of `rows` whose recorded config is no longer its row's
+    (or cannot be read); the number of such runs."""
     drifted = 0
     for row in rows:
         for seed in seeds:
             target = run_dir(out, row, seed)
             if not (target / CONFIG_FILE).is_file():
                 continue
-            drift = config_drift(read_run_config(target), row, seed)
+            try:
+                drift = config_drift(read_run_config(target), row, seed, extra)
+            except KoalaError as error:
+                drifted += 1
+                print(f"{target.name}: unreadable ({error})")
+                continue
             if drift:
                 drifted += 1
                 print(f"{target.name}: " + ", ".join(f"{key} = {then!r} in the run, {now!r} in the row"
@@ -487,7 +503,7 @@ def main() -> None:
         parser.error(f"unknown rows {unknown}; `rows` lists them")
     rows = args.rows or [name for name, row in ROWS.items() if args.group is None or row.group == args.group]
     if args.command == "check":
-        raise SystemExit(1 if check(rows, args.seeds, args.out) else 0)
+        raise SystemExit(1 if check(rows, args.seeds, args.out, args.set) else 0)
     commands: dict[str, Callable[[], None]] = {
         "run": lambda: run_rows(rows, args.seeds, args.out, args.set),
         "table": lambda: print(table(rows, args.seeds, args.out, args.split, args.at_round)),

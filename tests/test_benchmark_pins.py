@@ -9,9 +9,9 @@ import sys
 import pytest
 from helpers import CONFIGS, ROOT
 
-PINS = ROOT / "tests" / "pins"
-
 from koala.config import load_config
+
+PINS = ROOT / "tests" / "pins"
 
 
 @pytest.fixture(scope="module")
@@ -48,5 +48,7 @@ def test_the_issue_7_rows_still_resolve_to_the_config_their_runs_recorded(fideli
     recorded = load_config(PINS / "fidelity-koala-seed0.toml")
     assert fidelity.config_drift(recorded, "koala", 0) == {}
     # and the check names a setting that differs, with both values
-    drift = fidelity.config_drift(recorded.model_copy(update={"rounds": 20}), "koala", 0)
-    assert drift == {"rounds": (20, 40)}
+    changed = load_config(PINS / "fidelity-koala-seed0.toml", ["rounds=20", "distill.initial-forward-epochs=3"])
+    assert fidelity.config_drift(changed, "koala", 0) == {"rounds": (20, 40), "distill.initial-forward-epochs": (3, 0)}
+    # a run started with --set is checked with the same extra settings
+    assert fidelity.config_drift(changed, "koala", 0, ["rounds=20", "distill.initial-forward-epochs=3"]) == {}

@@ -8,10 +8,11 @@ import pytest
 import torch
 from helpers import BASE, DIGITS_KOALA
 
+from koala.algorithms.koala import guard_keeps
 from koala.config import config_to_toml, load_config
 from koala.errors import ConfigError
-from koala.run.experiment import prepare_experiment
 from koala.run.checkpoint import load_checkpoint
+from koala.run.experiment import prepare_experiment
 from koala.run.launch import run_local
 from koala.run.run_dir import SUMMARY_FILE, read_metrics
 
@@ -59,6 +60,19 @@ def test_a_distillation_that_lowers_the_guards_accuracy_is_undone(tmp_path: Path
         assert line["reverse-guard"]["kept"] == (line["reverse-guard"]["after"] >= line["reverse-guard"]["before"])
     # the guard's check is two inference passes of the large model over its 100 images
     assert guarded[1]["resources"]["server-flops"] > unguarded[1]["resources"]["server-flops"]
+
+
+@pytest.mark.parametrize(("size", "before", "after", "tolerance", "kept"), [
+    (200, 170, 170, 0.0, True), (200, 170, 169, 0.0, False), (200, 170, 171, 0.0, True),  # no tolerance: no fall
+    (200, 170, 166, 0.02, True), (200, 170, 165, 0.02, False),  # 2 points of 200 images: 4 images, not 5
+    (200, 170, 168, 0.0125, True), (200, 170, 167, 0.0125, False),  # 2.5 images: a fall of 2, not of 3
+    (230, 200, 196, 0.02, True), (230, 200, 195, 0.02, False),  # 4.6 images: 4, not 5
+    (7, 5, 4, 1 / 7, True), (7, 5, 3, 1 / 7, False),  # exactly one image, whatever the float error
+])
+def test_the_tolerance_counts_whole_guard_images(size: int, before: int, after: int, tolerance: float, kept: bool) -> None:
+    # accuracies as evaluation gives them: a float32 mean over the guard
+    accuracy = [torch.tensor([1.0] * n + [0.0] * (size - n)).mean().item() for n in (before, after)]
+    assert guard_keeps(*accuracy, size, tolerance) is kept
 
 
 def test_a_tolerance_keeps_a_fall_within_it_and_undoes_a_larger_one(tmp_path: Path) -> None:

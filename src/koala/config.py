@@ -237,14 +237,16 @@ class DistillConfig(_Section):
         description="keep the large model's better self (koala, feddf): the labels of this many labelled server "
         "images (the last of them; the images stay in the proxy set) are held out of pretraining, cross-entropy "
         "and teacher-quality scaling, and a round's reverse distillation is kept only if the large model is at "
-        "least as accurate on them as before it; else the large model and its momentum stay (0 = off)",
+        "least as accurate on them as before it, less distill.reverse-guard-tolerance; else the large model and "
+        "its momentum stay (0 = off)",
     )
     reverse_guard_tolerance: float = Field(
         0.0, ge=0, lt=1,
         description="the guard (distill.reverse-guard-size) undoes a round only when the large model's accuracy on "
         "its images falls more than this below the last kept model's (a fraction: 0.02 = 2 points). A guard of a "
         "few hundred images varies by a few points between equally good models, and with no tolerance one lucky "
-        "round stops every later one (0 = any fall undoes the round)",
+        "round stops every later one. Each round is compared with the last kept model, so falls within the "
+        "tolerance can add up over rounds (0 = any fall undoes the round)",
     )
     initial_forward_epochs: int = Field(
         0, ge=0,

@@ -20,6 +20,7 @@ augmented: `distillation_targets`); `distill.teacher` in the config is the *teac
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Sequence
 
 import torch
@@ -47,6 +48,14 @@ from koala.weights import instantiate, module_state
 
 REVERSE = "reverse"
 """The optimiser role of reverse distillation; forward distillation's are "forward:ARCH"."""
+
+
+def guard_keeps(accuracy_before: float, accuracy_after: float, size: int, tolerance: float) -> bool:
+    """Whether a guard of `size` images keeps a round that moved its accuracy from `accuracy_before`
+    to `accuracy_after`: the model lost no more than `tolerance` (a fraction) of the images, counted
+    in whole images (a tolerance of 2.5 images lets a fall of 2 through, not of 3)."""
+    fall = round(accuracy_before * size) - round(accuracy_after * size)  # accuracies are counts over `size`
+    return fall <= math.floor(tolerance * size + 1e-9)  # 1e-9: 0.02 * 200 is 4, not 3.9999...
 
 
 class Koala(Algorithm):
@@ -187,8 +196,7 @@ class Koala(Algorithm):
         assert guard is not None
         accuracy_before, accuracy_after = evaluate(previous, guard)["accuracy"], evaluate(distilled, guard)["accuracy"]
         metrics.add_work(self.config.models.large, "inference", 2 * len(guard))
-        # accuracies are counts over len(guard): half an image's share absorbs the float error of the subtraction
-        kept = accuracy_after >= accuracy_before - self.config.distill.reverse_guard_tolerance - 0.5 / len(guard)
+        kept = guard_keeps(accuracy_before, accuracy_after, len(guard), self.config.distill.reverse_guard_tolerance)
         metrics.values["reverse-guard"] = {"before": accuracy_before, "after": accuracy_after, "kept": kept}
         return kept
 
