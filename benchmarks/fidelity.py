@@ -36,7 +36,7 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
-from koala.config import ExperimentConfig, load_config  # noqa: E402
+from koala.config import ExperimentConfig, config_to_dict, load_config  # noqa: E402
 from koala.errors import KoalaError  # noqa: E402
 from koala.report import save_figure  # noqa: E402
 from koala.run.checkpoint import CHECKPOINT_FILE  # noqa: E402
@@ -230,7 +230,7 @@ def _settings(config: ExperimentConfig) -> dict[str, Any]:
         if not isinstance(value, dict):
             return {key: value}
         return {k: v for name, item in value.items() for k, v in flat(item, f"{key}.{name}" if key else name).items()}
-    return flat(config.model_dump(by_alias=True), "")
+    return flat(config_to_dict(config), "")
 
 
 def config_drift(recorded: ExperimentConfig, row: str, seed: int, extra: Sequence[str] = ()) -> dict[str, tuple[Any, Any]]:
