@@ -24,21 +24,21 @@ def fidelity():
     del sys.modules[spec.name]
 
 
-def _resolved(fidelity, config: str, row: str | None):
-    overrides = [*fidelity.REFERENCE, *(fidelity.ROWS[row].overrides if row else [])]
-    return load_config(CONFIGS / f"{config}.toml", overrides)
+def _shipped(fidelity, config: str):
+    """The shipped `config` as the benchmark runs it: its reference settings, seed 0, its rounds."""
+    return load_config(CONFIGS / f"{config}.toml", [*fidelity.REFERENCE, "seed=0", f"rounds={fidelity.ROUNDS}"])
 
 
 @pytest.mark.parametrize("config", ["koala-homogeneous", "koala-heterogeneous"])
 def test_the_shipped_row_is_the_shipped_config(fidelity, config: str) -> None:
     row = fidelity.SHIPPED_ROWS[config]
     assert fidelity.ROWS[row].config == config
-    assert _resolved(fidelity, config, row) == _resolved(fidelity, config, None)
+    assert fidelity.row_config(row, 0) == _shipped(fidelity, config)
 
 
 def test_the_map_centre_is_not_the_shipped_recipe(fidelity) -> None:
-    centre = _resolved(fidelity, "koala-homogeneous", "koala +initial-forward")
-    shipped = _resolved(fidelity, "koala-homogeneous", None)
+    centre = fidelity.row_config("koala +initial-forward", 0)
+    shipped = _shipped(fidelity, "koala-homogeneous")
     assert (centre.models.small, centre.client.epochs) == (["lenet"], 1)
     assert centre != shipped
 
