@@ -472,9 +472,12 @@ def frontier(seeds: list[int], out: Path, split: str, at_round: int, plot: Path 
             if best:
                 ax.plot([p[2] / 1e12 for p in best], [100 * p[4] for p in best], marker, mfc="none", color=dots.get_color(),
                         label=f"{kind}, best validation round")
-        # numbers, not labels: the labels of points a few GFLOPs apart overprint one another
+        # numbers, not labels: the labels of points a few GFLOPs apart overprint one another; points at one
+        # client cost take turns, from the lowest up, to carry their number right and left of the dot
         for number, (_, _, flops, final, _) in enumerate(points, start=1):
-            ax.annotate(str(number), (flops / 1e12, 100 * final), fontsize=7, xytext=(3, 3), textcoords="offset points")
+            left = sum(abs(p[2] - flops) < 0.02 * flops and p[3] < final for p in points) % 2 == 1
+            ax.annotate(str(number), (flops / 1e12, 100 * final), fontsize=7, xytext=(-3 if left else 3, 3),
+                        textcoords="offset points", ha="right" if left else "left")
         tuned = [p[4] for p in points if p[0] == "FedAvg-large" and p[4] is not None]
         if tuned:  # the target: the best-tuned FedAvg-large at its best validation round, less half a point
             ax.axhline(100 * max(tuned) - 0.5, ls="--", lw=0.8, color="grey", label="FedAvg-large (tuned) − 0.5")
