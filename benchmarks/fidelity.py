@@ -148,6 +148,9 @@ ROWS: dict[str, Row] = {
     # the labelled server set: 0 (random start, no CE), 100, 1,000 (the reference), 5,000
     "koala labelled=0": _koala("data.proxy-labelled=0", "large-init.kind='random'", *LABEL_FREE, group="labelled"),
     **{f"koala labelled={n}": _koala(f"data.proxy-labelled={n}", group="labelled") for n in (100, 5000)},
+    # FedAvg-large (tuned) from the same 5,000-image start: what `koala +initial-forward labelled=5000` compares with
+    "fedavg-large lr=0.003 labelled=5000": Row("fedavg-large", ["client.lr=0.003", "data.proxy-labelled=5000"],
+                                               group="labelled"),
     # local epochs, reverse-distillation epochs (with CE)
     **{f"koala epochs={e}": _koala(f"client.epochs={e}", group="epochs") for e in (2, 5)},
     "koala reverse-epochs=3": _koala("distill.reverse.epochs=3", group="reverse-epochs"),
@@ -160,6 +163,9 @@ ROWS: dict[str, Row] = {
     "koala +initial-forward reverse-epochs=3": _map_row("distill.reverse.epochs=3", group="reverse-epochs"),
     # and on the shipped clients: server work only, the clients' cost unchanged (what the config ships)
     SHIPPED: _koala(*SHIPPED_LEVERS, group="reverse-epochs"),
+    # is the shipped recipe still climbing at round 20? Its runs are the 20-round ones continued
+    # (`koala run --resume RUN_DIR --rounds 40`): nothing before round 21 depends on the round count
+    f"{SHIPPED} rounds=40": _koala(*SHIPPED_LEVERS, group="rounds", rounds=40),
     # keeping the large model's better self: 200 of the 1,000 labelled images leave pretraining and CE
     # to undo any round's reverse distillation that lowers the large model's accuracy on them
     f"{SHIPPED_CLIENTS} +guard=200": _koala(*SHIPPED_CLIENT_LEVERS, "distill.reverse-guard-size=200", group="anchors"),
@@ -192,6 +198,9 @@ ROWS: dict[str, Row] = {
     # LeNet), which configs/koala-heterogeneous.toml now ships
     "heterogeneous": _heterogeneous(),
     "heterogeneous lenet-narrow+lenet epochs=3": _heterogeneous("models.small=['lenet-narrow', 'lenet']", "client.epochs=3"),
+    # and with the homogeneous recipe's 3 reverse epochs
+    "heterogeneous lenet-narrow+lenet epochs=3 reverse-epochs=3": _heterogeneous(
+        "models.small=['lenet-narrow', 'lenet']", "client.epochs=3", "distill.reverse.epochs=3"),
 }
 GROUPS = sorted({row.group for row in ROWS.values()})
 SHIPPED_ROWS = {"koala-homogeneous": SHIPPED, "koala-heterogeneous": "heterogeneous lenet-narrow+lenet epochs=3"}
