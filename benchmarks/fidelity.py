@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shutil
 import statistics
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -63,6 +64,9 @@ class Row:
     overrides: list[str] = field(default_factory=list)
     rounds: int = ROUNDS
     group: str = ""
+    continues: str = ""
+    """A row with fewer rounds and otherwise the same config: its finished runs are copied and
+    continued to this row's rounds (`koala run --resume RUN_DIR --rounds N`) instead of rerun."""
 
 
 ISSUE_7_RECIPE = ["distill.initial-forward-epochs=0", "models.small=['lenet']", "client.epochs=1",
@@ -163,9 +167,8 @@ ROWS: dict[str, Row] = {
     "koala +initial-forward reverse-epochs=3": _map_row("distill.reverse.epochs=3", group="reverse-epochs"),
     # and on the shipped clients: server work only, the clients' cost unchanged (what the config ships)
     SHIPPED: _koala(*SHIPPED_LEVERS, group="reverse-epochs"),
-    # is the shipped recipe still climbing at round 20? Its runs are the 20-round ones continued
-    # (`koala run --resume RUN_DIR --rounds 40`): nothing before round 21 depends on the round count
-    f"{SHIPPED} rounds=40": _koala(*SHIPPED_LEVERS, group="rounds", rounds=40),
+    # is the shipped recipe still climbing at round 20? (its 20-round runs, continued)
+    f"{SHIPPED} rounds=40": Row("koala-homogeneous", [*ISSUE_7_RECIPE, *SHIPPED_LEVERS], 40, "rounds", continues=SHIPPED),
     # keeping the large model's better self: 200 of the 1,000 labelled images leave pretraining and CE
     # to undo any round's reverse distillation that lowers the large model's accuracy on them
     f"{SHIPPED_CLIENTS} +guard=200": _koala(*SHIPPED_CLIENT_LEVERS, "distill.reverse-guard-size=200", group="anchors"),
@@ -222,6 +225,13 @@ def run_rows(rows: list[str], seeds: list[int], out: Path, extra: list[str]) -> 
             if (target / CHECKPOINT_FILE).is_file():  # an interrupted run goes on from its last round
                 print(f"{target} was interrupted, resuming it")
                 run_local(read_run_config(target), target, resume=True)
+                continue
+            shorter = run_dir(out, ROWS[row].continues, seed) if ROWS[row].continues else None
+            if shorter is not None and (shorter / SUMMARY_FILE).is_file():
+                # nothing before its last round depends on the round count: continuing it is rerunning it
+                print(f"{target}: continuing a copy of {shorter}")
+                shutil.copytree(shorter, target)
+                run_local(row_config(row, seed, extra), target, resume=True)
                 continue
             run_local(row_config(row, seed, extra), target)
 

@@ -52,3 +52,12 @@ def test_the_issue_7_rows_still_resolve_to_the_config_their_runs_recorded(fideli
     assert fidelity.config_drift(changed, "koala", 0) == {"rounds": (20, 40), "distill.initial-forward-epochs": (3, 0)}
     # a run started with --set is checked with the same extra settings
     assert fidelity.config_drift(changed, "koala", 0, ["rounds=20", "distill.initial-forward-epochs=3"]) == {}
+
+
+def test_a_row_that_continues_another_differs_from_it_only_in_more_rounds(fidelity) -> None:
+    continued = {name: row for name, row in fidelity.ROWS.items() if row.continues}
+    assert continued  # the shipped recipe to 40 rounds
+    for name, row in continued.items():
+        shorter = fidelity.ROWS[row.continues]
+        assert row.rounds > shorter.rounds
+        assert fidelity.row_config(name, 0) == fidelity.row_config(row.continues, 0).model_copy(update={"rounds": row.rounds})

@@ -228,7 +228,7 @@ def _flip_a_weight_byte(run: Path) -> None:
 
 def _edit_config(run: Path) -> None:
     config = run / CONFIG_FILE
-    config.write_text(config.read_text().replace("rounds = 2", "rounds = 5"))
+    config.write_text(config.read_text().replace("seed = 0", "seed = 1"))
 
 
 def _edit_metrics(run: Path) -> None:
@@ -260,6 +260,51 @@ def test_a_damaged_checkpoint_is_refused_and_nothing_is_lost(
     err = capsys.readouterr().err
     assert err.startswith("koala: error:") and message in err and "Traceback" not in err
     assert {path.name: path.read_bytes() for path in run.iterdir()} == before
+
+
+def test_a_finished_run_continued_to_more_rounds_is_the_run_started_with_them(
+    finished_run: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    reference = run_local(load_config(BASE, SMALL_RUN), tmp_path / "reference", echo=_quiet)  # 3 rounds
+    run = tmp_path / "run"
+    shutil.copytree(finished_run, run)  # the same run, ended after 2
+    assert main(["run", "--resume", str(run), "--rounds", "3"]) == 0
+    assert f"resuming {run} after round 2 of 3" in capsys.readouterr().out
+    assert without_times(read_metrics(run)) == without_times(reference.metrics)
+    assert _without_wall_time(json.loads((run / SUMMARY_FILE).read_text())) == _without_wall_time(reference.summary)
+    assert (run / CONFIG_FILE).read_text() == (reference.run_dir / CONFIG_FILE).read_text()
+    assert _status(run) == {"status": "complete", "rounds": 3}
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--resume", "{run}", "--rounds", "1"], "has run 2 rounds: it cannot be cut to 1"),
+        (["--resume", "{run}", "--rounds", "0"], "rounds"),
+        (["{quickstart}", "--rounds", "3"], "a new run takes --set rounds=N"),
+    ],
+    ids=["fewer-rounds", "zero-rounds", "without-resume"],
+)
+def test_rounds_that_cannot_continue_a_run_are_refused_and_nothing_is_lost(
+    finished_run: Path, tmp_path: Path, args: list[str], message: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    run = tmp_path / "run"
+    shutil.copytree(finished_run, run)
+    before = {path.name: path.read_bytes() for path in run.iterdir()}
+    assert main(["run", *(a.format(run=run, quickstart=BASE) for a in args)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("koala: error:") and message in err and "Traceback" not in err
+    assert {path.name: path.read_bytes() for path in run.iterdir()} == before
+
+
+def test_a_run_whose_noise_was_solved_for_its_rounds_cannot_change_them(tmp_path: Path) -> None:
+    private = [*SMALL_RUN, "client.max-update-norm=1.0", "privacy.target-epsilon=4.0"]
+    state = ServerState(round=2, large=None, small={"lenet": {"w": torch.ones(2)}})
+    written = config_to_toml(load_config(BASE, [*private, "rounds=2"]))
+    save_checkpoint(tmp_path, Checkpoint(state, MetricsPosition(0, ""), 0.0, GlobalRngState.capture()), written)
+    assert load_checkpoint(tmp_path, written, torch.device("cpu")).state.round == 2
+    with pytest.raises(CheckpointError, match="solved its noise for privacy.target-epsilon = 4.0 after 2 rounds"):
+        load_checkpoint(tmp_path, config_to_toml(load_config(BASE, [*private, "rounds=3"])), torch.device("cpu"))
 
 
 def test_load_checkpoint_refuses_a_foreign_safetensors_file(tmp_path: Path) -> None:

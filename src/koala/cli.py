@@ -20,7 +20,9 @@ def _run(args: argparse.Namespace) -> None:
             )
         from koala.run.run_dir import read_run_config
 
-        config, out, resume = read_run_config(args.resume), args.resume, True
+        config, out, resume = read_run_config(args.resume, args.rounds), args.resume, True
+    elif args.rounds is not None:
+        raise ConfigError("--rounds N continues a run (with --resume RUN_DIR); a new run takes --set rounds=N")
     elif args.config is None:
         raise ConfigError("koala run needs an experiment file (e.g. configs/quickstart.toml) or --resume RUN_DIR")
     else:
@@ -156,6 +158,8 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("config", type=Path, nargs="?", help="experiment file, e.g. configs/quickstart.toml")
     run.add_argument("--resume", type=Path, default=None, metavar="RUN_DIR",
                      help="continue a stopped run from its last checkpoint (with the config it was started with)")
+    run.add_argument("--rounds", type=int, default=None, metavar="N",
+                     help="with --resume: continue the run to N rounds, past its end (its other settings kept)")
     run.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                      help="override a config value, e.g. --set data.alpha=0.3 (repeatable)")
     run.add_argument("--out", type=Path, default=None, help="run directory (default: runs/NAME-ALGORITHM-TIME)")

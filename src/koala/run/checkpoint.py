@@ -68,7 +68,9 @@ def save_checkpoint(run_dir: Path, checkpoint: Checkpoint, config_toml: str) -> 
 
 def load_checkpoint(run_dir: Path, config_toml: str, device: torch.device) -> Checkpoint:
     """The checkpoint in `run_dir`, its tensors on `device`. A missing, damaged or foreign file, or
-    a config.toml that no longer matches it, raises `CheckpointError` saying what to do."""
+    a config.toml that no longer matches it, raises `CheckpointError` saying what to do. The config
+    may differ from the checkpoint's in its round count alone (a run continued past its end, or
+    ended sooner), down to the checkpoint's own round."""
     path = run_dir / CHECKPOINT_FILE
     if not path.is_file():
         raise CheckpointError(
@@ -76,13 +78,13 @@ def load_checkpoint(run_dir: Path, config_toml: str, device: torch.device) -> Ch
             f"Start it again with: koala run {run_dir / CONFIG_FILE} --out NEW_DIR"
         )
     tensors, metadata = _read(path)
-    if not _same_experiment(metadata.get("config"), config_toml):
-        raise CheckpointError(
-            f"{run_dir / CONFIG_FILE} differs from the config {path} was written with: a resumed run must "
-            "keep its config. Undo the edit, or start a new run with the new config (--out NEW_DIR)"
-        )
     try:
-        state = _server_state(int(metadata["round"]), tensors, device)
+        round_number = int(metadata["round"])
+    except (KeyError, ValueError) as exc:
+        raise _damaged(path, f"its contents are incomplete ({exc!r})") from None
+    _check_same_experiment(run_dir, metadata.get("config"), config_toml, round_number)
+    try:
+        state = _server_state(round_number, tensors, device)
         rng = _rng_state(tensors, json.loads(metadata["rng"]))
         metrics = MetricsPosition(int(metadata["metrics-size"]), metadata["metrics-digest"])
         elapsed = float(metadata["elapsed"])
@@ -91,16 +93,35 @@ def load_checkpoint(run_dir: Path, config_toml: str, device: torch.device) -> Ch
     return Checkpoint(state, metrics, elapsed, rng)
 
 
-def _same_experiment(written: str | None, config_toml: str) -> bool:
-    """Whether the config a checkpoint was written with is `config_toml`: the same text, or the same
-    once read by this version (a checkpoint from an older koala lacks the settings added since, which
-    take their defaults, and those reproduce the older behaviour)."""
-    if written is None or written == config_toml:
-        return written is not None
+def _check_same_experiment(run_dir: Path, written: str | None, config_toml: str, round_number: int) -> None:
+    """Refuse `config_toml` unless it is the config the checkpoint of round `round_number` was
+    written with: the same text, or the same once read by this version (a checkpoint from an older
+    koala lacks the settings added since, which take their defaults, and those reproduce the older
+    behaviour), in every setting but the round count, which may change while nothing depends on it."""
+    if written is not None and written == config_toml:
+        return
     try:
-        return config_to_toml(config_from_toml(written, "the checkpoint's config")) == config_toml
+        then = config_from_toml(written or "", "the checkpoint's config")
+        now = config_from_toml(config_toml, "the run's config")
     except ConfigError:
-        return False
+        then = now = None
+    if then is None or now is None or then.model_copy(update={"rounds": now.rounds}) != now:
+        raise CheckpointError(
+            f"{run_dir / CONFIG_FILE} differs from the config {run_dir / CHECKPOINT_FILE} was written with: a resumed "
+            "run must keep its config (only its rounds may change: koala run --resume RUN_DIR --rounds N). Undo the "
+            "edit, or start a new run with the new config (--out NEW_DIR)"
+        )
+    if now.rounds < round_number:
+        raise CheckpointError(
+            f"{run_dir} has run {round_number} rounds: it cannot be cut to {now.rounds}. Continue it to "
+            f"{round_number} rounds or more, or read its first {now.rounds} rounds from its metrics.jsonl"
+        )
+    if now.privacy.target_epsilon and now.rounds != then.rounds:
+        raise CheckpointError(
+            f"{run_dir} solved its noise for privacy.target-epsilon = {now.privacy.target_epsilon} after "
+            f"{then.rounds} rounds: at {now.rounds} rounds it would spend a different budget. Start a new run "
+            f"with --set rounds={now.rounds}"
+        )
 
 
 def _read(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:

@@ -163,6 +163,7 @@ def run_experiment(
         run_dir = RunDirectory.reopen(out_dir)
         checkpoint = load_checkpoint(run_dir.path, config_to_toml(config), experiment.device)
         history = run_dir.restore_metrics(checkpoint.metrics_position)
+        run_dir.continue_with(config, checkpoint.state.round)
         checkpoint.rng.restore()
         earlier_sessions = checkpoint.elapsed
         run_dir.mark("running")

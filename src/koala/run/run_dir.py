@@ -80,6 +80,17 @@ class RunDirectory:
             )
         return cls(path, started=True)
 
+    def continue_with(self, config: ExperimentConfig, from_round: int) -> None:
+        """Make the directory a run of `config` again after round `from_round`: config.toml takes the
+        config's round count (the one setting a resumed run may change), and a summary and resources
+        written when it ended sooner go, for the run is not finished until round `config.rounds`."""
+        text = config_to_toml(config)
+        if (self.path / CONFIG_FILE).read_text() != text:
+            write_atomically(self.path / CONFIG_FILE, text.encode())
+        if from_round < config.rounds:
+            for stale in (SUMMARY_FILE, RESOURCES_FILE):
+                (self.path / stale).unlink(missing_ok=True)
+
     def start(self, config: ExperimentConfig) -> None:
         self.path.mkdir(parents=True, exist_ok=True)
         self.started = True
@@ -136,9 +147,10 @@ class RunDirectory:
         self.write_json(STATUS_FILE, {"status": status, **details})
 
 
-def read_run_config(path: Path) -> ExperimentConfig:
-    """The config of the run in `path`, to resume it; anything that is not a run is refused."""
-    return load_config(RunDirectory.reopen(path).path / CONFIG_FILE)
+def read_run_config(path: Path, rounds: int | None = None) -> ExperimentConfig:
+    """The config of the run in `path`, to resume it (with `rounds`, to continue it to that many
+    rounds); anything that is not a run is refused."""
+    return load_config(RunDirectory.reopen(path).path / CONFIG_FILE, [] if rounds is None else [f"rounds={rounds}"])
 
 
 def read_metrics(run_dir: Path) -> list[dict[str, Any]]:
