@@ -23,7 +23,7 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save
 
-from koala.config import config_from_toml, config_to_toml
+from koala.config import config_from_toml
 from koala.errors import CheckpointError, ConfigError
 from koala.run.run_dir import CONFIG_FILE, MetricsPosition, write_atomically
 from koala.seeding import GlobalRngState
