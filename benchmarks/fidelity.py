@@ -16,6 +16,7 @@ configs/koala-homogeneous.toml now ships, chosen on validation, is row
     python benchmarks/fidelity.py frontier --out OUT --plot benchmarks/figures/frontier.png
     python benchmarks/fidelity.py by-round --rows koala "fedavg-large lr=0.01" --out OUT [--plot PNG]
     python benchmarks/fidelity.py check --seeds 0 1 2 --out OUT   # runs whose config is no longer their row's
+    python benchmarks/fidelity.py batchnorm --rows "fedavg-small lenet" --out OUT  # the small models' BatchNorm statistics
 
 Runs are one torch thread each (`threads=1`); start several processes with disjoint rows to use
 more cores. A row's run directory is reused when its summary exists.
@@ -508,9 +509,43 @@ def frontier(seeds: list[int], out: Path, split: str, at_round: int, plot: Path 
     return "\n".join(lines)
 
 
+def batchnorm_statistics(rows: list[str], seeds: list[int], out: Path, images: int) -> str:
+    """The final small models of the rows' runs on the validation split, with the BatchNorm statistics
+    they ended with and with those re-estimated on the server's first `images` proxy images (torch's
+    `update_bn`): how much of a model's accuracy its statistics, not its weights, cost. FedAvg averages
+    the clients' statistics like weights; averaged statistics need not fit the averaged weights."""
+    import torch
+    from torch.optim.swa_utils import update_bn
+
+    from koala.config import config_to_toml
+    from koala.run.checkpoint import load_checkpoint
+    from koala.run.experiment import prepare_experiment
+    from koala.weights import evaluate_state, instantiate, module_state
+
+    lines = ["| row | seed | round | small model | validation, its statistics | statistics re-estimated |",
+             "|---|---:|---:|---|---|---|"]
+    for row in rows:
+        for seed in seeds:
+            target = run_dir(out, row, seed)
+            if not (target / SUMMARY_FILE).is_file():
+                continue
+            config = read_run_config(target)
+            experiment = prepare_experiment(config)
+            state = load_checkpoint(target, config_to_toml(config), torch.device("cpu")).state
+            validation, proxy = experiment.algorithm.server_data.validation, experiment.split.proxy_images[:images]
+            for arch, weights in state.small.items():
+                model = instantiate(arch, experiment.spec, weights, "cpu")
+                update_bn([proxy[start:start + 250] for start in range(0, len(proxy), 250)], model)
+                kept, re_estimated = (evaluate_state(arch, experiment.spec, w, validation)["accuracy"]
+                                      for w in (weights, module_state(model)))
+                lines.append(f"| {row} | {seed} | {state.round} | {arch} | {100 * kept:.2f} | {100 * re_estimated:.2f} |")
+    return "\n".join(lines)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("command", choices=["run", "table", "select", "frontier", "by-round", "rows", "check"])
+    parser.add_argument("command", choices=["run", "table", "select", "frontier", "by-round", "rows", "check",
+                                                       "batchnorm"])
     parser.add_argument("--rows", nargs="+", default=[], metavar="ROW")
     parser.add_argument("--group", choices=GROUPS)
     parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1])
@@ -518,6 +553,7 @@ def main() -> None:
     parser.add_argument("--split", choices=["test", "validation"], default="test")
     parser.add_argument("--at-round", type=int, default=ROUNDS)
     parser.add_argument("--plot", type=Path)
+    parser.add_argument("--images", type=int, default=5000, help="batchnorm: proxy images to re-estimate statistics on")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="extra override for every run")
     args = parser.parse_args()
     unknown = [row for row in args.rows if row not in ROWS]
@@ -532,6 +568,7 @@ def main() -> None:
         "select": lambda: print(select(args.group, args.seeds, args.out, args.at_round)),
         "frontier": lambda: print(frontier(args.seeds, args.out, args.split, args.at_round, args.plot)),
         "by-round": lambda: by_round(rows, args.seeds, args.out, args.split, args.at_round, args.plot),
+        "batchnorm": lambda: print(batchnorm_statistics(rows, args.seeds, args.out, args.images)),
         "rows": lambda: print("\n".join(f"{name}  [{row.group}] {row.config} {' '.join(row.overrides)} "
                                         f"rounds={row.rounds}" for name, row in ROWS.items())),
     }
