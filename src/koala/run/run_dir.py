@@ -84,9 +84,8 @@ class RunDirectory:
         """Make the directory a run of `config` again after round `from_round`: config.toml takes the
         config's round count (the one setting a resumed run may change), and a summary and resources
         written when it ended sooner go, for the run is not finished until round `config.rounds`."""
-        text = config_to_toml(config)
-        if (self.path / CONFIG_FILE).read_text() != text:
-            write_atomically(self.path / CONFIG_FILE, text.encode())
+        if load_config(self.path / CONFIG_FILE).rounds != config.rounds:
+            write_atomically(self.path / CONFIG_FILE, config_to_toml(config).encode())
         if from_round < config.rounds:
             for stale in (SUMMARY_FILE, RESOURCES_FILE):
                 (self.path / stale).unlink(missing_ok=True)
