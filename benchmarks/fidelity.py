@@ -46,6 +46,7 @@ from koala.run.launch import run_local  # noqa: E402
 from koala.run.run_dir import (  # noqa: E402
     CONFIG_FILE,
     ENVIRONMENT_FILE,
+    RESOURCES_FILE,
     SUMMARY_FILE,
     read_metrics,
     read_run_config,
@@ -223,16 +224,18 @@ def run_rows(rows: list[str], seeds: list[int], out: Path, extra: list[str]) -> 
             if (target / SUMMARY_FILE).is_file():
                 print(f"{target} exists, reusing it")
                 continue
-            if (target / CHECKPOINT_FILE).is_file():  # an interrupted run goes on from its last round
-                print(f"{target} was interrupted, resuming it")
-                run_local(read_run_config(target), target, resume=True)
-                continue
             shorter = run_dir(out, ROWS[row].continues, seed) if ROWS[row].continues else None
-            if shorter is not None and (shorter / SUMMARY_FILE).is_file():
-                # nothing before its last round depends on the round count: continuing it is rerunning it
+            if not (target / CHECKPOINT_FILE).is_file() and shorter is not None and (shorter / SUMMARY_FILE).is_file():
+                # nothing before its last round depends on the round count: continuing it is rerunning it. The
+                # copy leaves the summary behind (it is not this row's) and appears whole or not at all
                 print(f"{target}: continuing a copy of {shorter}")
-                shutil.copytree(shorter, target)
-                run_local(row_config(row, seed, extra), target, resume=True)
+                partial = target.with_name(target.name + ".partial")
+                shutil.rmtree(partial, ignore_errors=True)
+                shutil.copytree(shorter, partial, ignore=shutil.ignore_patterns(SUMMARY_FILE, RESOURCES_FILE))
+                partial.rename(target)
+            if (target / CHECKPOINT_FILE).is_file():  # an interrupted or copied run goes on to the row's rounds
+                print(f"{target} is unfinished, resuming it")
+                run_local(read_run_config(target, ROWS[row].rounds), target, resume=True)
                 continue
             run_local(row_config(row, seed, extra), target)
 

@@ -36,6 +36,7 @@ from koala.run.run_dir import (
     STATUS_FILE,
     SUMMARY_FILE,
     MetricsPosition,
+    RunDirectory,
     read_metrics,
     without_times,
 )
@@ -276,11 +277,21 @@ def test_a_finished_run_continued_to_more_rounds_is_the_run_started_with_them(
     assert _status(run) == {"status": "complete", "rounds": 3}
 
 
+def test_a_run_continued_past_its_end_is_unfinished_until_it_gets_there(finished_run: Path, tmp_path: Path) -> None:
+    # a continuation stopped before its first new round must not pass for finished: its summary is the shorter run's
+    run = tmp_path / "run"
+    shutil.copytree(finished_run, run)
+    RunDirectory.reopen(run).continue_with(load_config(BASE, SMALL_RUN), from_round=2)
+    assert not (run / SUMMARY_FILE).exists() and not (run / RESOURCES_FILE).exists()
+    assert load_config(run / CONFIG_FILE).rounds == 3
+    assert load_checkpoint(run, config_to_toml(load_config(BASE, SMALL_RUN)), torch.device("cpu")).state.round == 2
+
+
 @pytest.mark.parametrize(
     ("args", "message"),
     [
         (["--resume", "{run}", "--rounds", "1"], "has run 2 rounds: it cannot be cut to 1"),
-        (["--resume", "{run}", "--rounds", "0"], "rounds"),
+        (["--resume", "{run}", "--rounds", "0"], "--rounds 0: a run has at least 1 round"),
         (["{quickstart}", "--rounds", "3"], "a new run takes --set rounds=N"),
     ],
     ids=["fewer-rounds", "zero-rounds", "without-resume"],

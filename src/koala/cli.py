@@ -12,6 +12,8 @@ from koala.errors import ConfigError, KoalaError
 def _run(args: argparse.Namespace) -> None:
     from koala.config import load_config
 
+    if args.rounds is not None and args.rounds < 1:
+        raise ConfigError(f"--rounds {args.rounds}: a run has at least 1 round")
     if args.resume is not None:
         if args.config is not None or args.set or args.out is not None:
             raise ConfigError(

@@ -119,8 +119,8 @@ def _check_same_experiment(run_dir: Path, written: str | None, config_toml: str,
     if now.privacy.target_epsilon and now.rounds != then.rounds:
         raise CheckpointError(
             f"{run_dir} solved its noise for privacy.target-epsilon = {now.privacy.target_epsilon} after "
-            f"{then.rounds} rounds: at {now.rounds} rounds it would spend a different budget. Start a new run "
-            f"with --set rounds={now.rounds}"
+            f"{then.rounds} rounds: at {now.rounds} rounds it would spend a different budget. Start a new run: "
+            f"koala run {run_dir / CONFIG_FILE} --set rounds={now.rounds} --out NEW_DIR"
         )
 
 
