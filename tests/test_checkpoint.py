@@ -263,13 +263,20 @@ def test_a_damaged_checkpoint_is_refused_and_nothing_is_lost(
     assert {path.name: path.read_bytes() for path in run.iterdir()} == before
 
 
+def _raise_rounds_in_config(run: Path) -> list[str]:
+    config = run / CONFIG_FILE
+    config.write_text(config.read_text().replace("rounds = 2", "rounds = 3"))
+    return []
+
+
+@pytest.mark.parametrize("how", [lambda run: ["--rounds", "3"], _raise_rounds_in_config], ids=["--rounds", "config-edited"])
 def test_a_finished_run_continued_to_more_rounds_is_the_run_started_with_them(
-    finished_run: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+    finished_run: Path, tmp_path: Path, how, capsys: pytest.CaptureFixture[str]
 ) -> None:
     reference = run_local(load_config(BASE, SMALL_RUN), tmp_path / "reference", echo=_quiet)  # 3 rounds
     run = tmp_path / "run"
     shutil.copytree(finished_run, run)  # the same run, ended after 2
-    assert main(["run", "--resume", str(run), "--rounds", "3"]) == 0
+    assert main(["run", "--resume", str(run), *how(run)]) == 0
     assert f"resuming {run} after round 2 of 3" in capsys.readouterr().out
     assert without_times(read_metrics(run)) == without_times(reference.metrics)
     assert _without_wall_time(json.loads((run / SUMMARY_FILE).read_text())) == _without_wall_time(reference.summary)
