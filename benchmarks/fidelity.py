@@ -79,8 +79,8 @@ now ships. Every lever the config changes since must be pinned here; `check` fin
 recorded config differs from their row's (tests/test_benchmark_pins.py pins row `koala` itself)."""
 
 
-def _koala(*overrides: str, group: str, rounds: int = ROUNDS) -> Row:
-    return Row("koala-homogeneous", [*ISSUE_7_RECIPE, *overrides], rounds, group)
+def _koala(*overrides: str, group: str, rounds: int = ROUNDS, continues: str = "") -> Row:
+    return Row("koala-homogeneous", [*ISSUE_7_RECIPE, *overrides], rounds, group, continues)
 
 
 INITIAL_FORWARD = ["distill.initial-forward-epochs=10"]
@@ -175,7 +175,7 @@ ROWS: dict[str, Row] = {
     # and on the shipped clients: server work only, the clients' cost unchanged (what the config ships)
     SHIPPED: _koala(*SHIPPED_LEVERS, group="reverse-epochs"),
     # is the shipped recipe still climbing at round 20? (its 20-round runs, continued)
-    f"{SHIPPED} rounds=40": Row("koala-homogeneous", [*ISSUE_7_RECIPE, *SHIPPED_LEVERS], 40, "rounds", continues=SHIPPED),
+    f"{SHIPPED} rounds=40": _koala(*SHIPPED_LEVERS, group="rounds", rounds=40, continues=SHIPPED),
     # keeping the large model's better self: 200 of the 1,000 labelled images leave pretraining and CE
     # to undo any round's reverse distillation that lowers the large model's accuracy on them
     f"{SHIPPED_CLIENTS} +guard=200": _koala(*SHIPPED_CLIENT_LEVERS, "distill.reverse-guard-size=200", group="anchors"),
@@ -552,8 +552,8 @@ def batchnorm_statistics(rows: list[str], seeds: list[int], out: Path, images: i
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("command", choices=["run", "table", "select", "frontier", "by-round", "rows", "check",
-                                                       "batchnorm"])
+    parser.add_argument("command",
+                        choices=["run", "table", "select", "frontier", "by-round", "rows", "check", "batchnorm"])
     parser.add_argument("--rows", nargs="+", default=[], metavar="ROW")
     parser.add_argument("--group", choices=GROUPS)
     parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1])
