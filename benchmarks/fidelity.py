@@ -306,8 +306,10 @@ class RunRead:
         if not (path / SUMMARY_FILE).is_file():
             return None
         sessions = json.loads((path / ENVIRONMENT_FILE).read_text())["sessions"] if (path / ENVIRONMENT_FILE).is_file() else []
-        # a resumed run has one session per start: name each commit, in order
-        commits = [s["commit"][:7] + ("+dirty" if s["dirty"] else "") for s in sessions if s["commit"]]
+        # a resumed run has one session per start: name each commit, in order, with the instruction set
+        # torch's kernels used where the session recorded it (the same seed differs from one to another)
+        commits = [s["commit"][:7] + ("+dirty" if s["dirty"] else "") + (f" ({s['cpu-capability']})" if "cpu-capability" in s else "")
+                   for s in sessions if s["commit"]]
         commit = "→".join(dict.fromkeys(commits)) or None
         return cls(read_metrics(path), json.loads((path / SUMMARY_FILE).read_text()), commit)
 

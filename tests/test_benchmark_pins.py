@@ -61,3 +61,19 @@ def test_a_row_that_continues_another_differs_from_it_only_in_more_rounds(fideli
         shorter = fidelity.ROWS[row.continues]
         assert row.rounds > shorter.rounds
         assert fidelity.row_config(name, 0) == fidelity.row_config(row.continues, 0).model_copy(update={"rounds": row.rounds})
+
+
+def test_a_run_is_named_by_its_commits_and_the_instruction_set_each_session_ran_on(fidelity, tmp_path) -> None:
+    import json
+
+    # a run started on one processor and resumed on another, and a run from before the field existed
+    sessions = [{"commit": "a" * 40, "dirty": False, "cpu-capability": "AVX512"},
+                {"commit": "b" * 40, "dirty": True, "cpu-capability": "AVX2"}]
+    for name, recorded in (("resumed", sessions), ("older", [{"commit": "c" * 40, "dirty": False}])):
+        run = tmp_path / name
+        run.mkdir()
+        (run / "metrics.jsonl").write_text(json.dumps({"round": 0, "eval": {"large": {"accuracy": 0.5}}}) + "\n")
+        (run / "summary.json").write_text("{}")
+        (run / "environment.json").write_text(json.dumps({"sessions": recorded}))
+    assert fidelity.RunRead.load(tmp_path / "resumed").commit == "aaaaaaa (AVX512)→bbbbbbb+dirty (AVX2)"
+    assert fidelity.RunRead.load(tmp_path / "older").commit == "ccccccc"

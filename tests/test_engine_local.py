@@ -173,6 +173,8 @@ def test_run_directory_records_the_code_and_environment_that_produced_it(tmp_pat
     assert len(sessions) == 1
     session = sessions[0]
     assert session["torch"] == torch.__version__ and session["threads"] == 1 and session["engine"] == "local"
+    # the same seed gives other numbers where torch's kernels dispatch to another instruction set
+    assert session["cpu-capability"] == torch.backends.cpu.get_cpu_capability() and session["cpu"]
     checkout = Path(__file__).resolve().parent.parent
     head = subprocess.run(["git", "-C", str(checkout), "rev-parse", "HEAD"], capture_output=True, text=True)
     if head.returncode == 0:  # a git checkout (CI clones one): the commit is HEAD's

@@ -1,6 +1,8 @@
 """Where a run's numbers came from: the project's commit (and whether its tree had changes), the
-versions of Python and torch, and the threads torch used. A table of results names the commit it
-was produced with; this is how a run directory says it."""
+versions of Python and torch, the threads torch used and the processor it ran on. A table of results
+names the commit it was produced with; this is how a run directory says it. The processor matters:
+torch's CPU kernels dispatch on the instruction set (AVX2, AVX-512), and the same seed, commit and
+thread count give different numbers on two processors that differ there."""
 
 from __future__ import annotations
 
@@ -38,12 +40,27 @@ def source_version() -> dict[str, Any]:
         return {"commit": None, "dirty": None}
 
 
+def processor_name() -> str:
+    """The processor's model name (Linux's /proc/cpuinfo; elsewhere what `platform` knows, which may
+    be empty)."""
+    cpuinfo = Path("/proc/cpuinfo")
+    if cpuinfo.is_file():
+        for line in cpuinfo.read_text(errors="replace").splitlines():
+            key, _, value = line.partition(":")
+            if key.strip() in ("model name", "Processor", "cpu model"):
+                return value.strip()
+    return platform.processor() or platform.machine()
+
+
 def environment(engine: str) -> dict[str, Any]:
-    """What produced a run: the source version, Python, torch, the thread count and the engine."""
+    """What produced a run: the source version, Python, torch, the thread count, the processor and
+    the instruction set torch's CPU kernels use on it, and the engine."""
     return {
         **source_version(),
         "python": platform.python_version(),
         "torch": torch.__version__,
         "threads": torch.get_num_threads(),
+        "cpu": processor_name(),
+        "cpu-capability": torch.backends.cpu.get_cpu_capability(),
         "engine": engine,
     }
