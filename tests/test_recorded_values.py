@@ -1,8 +1,10 @@
 """Two rounds of KOALA on digits, pinned to recorded values: a change in the mathematics (a loss, a
 fusion weight, a seed stream, an order of summation) fails here even when the run still learns.
 
-Recorded with one torch thread on the development machine (torch 2.13.0 CPU). A deliberate change of
-the numbers records them anew, and says why in its commit.
+Recorded with one torch thread (torch 2.13.0 CPU) on each processor the project has run on: torch's
+CPU kernels dispatch on the instruction set, and the same seed gives other values from round 1 on
+another processor. A run must reproduce the values of one of them. A deliberate change of the
+numbers records them anew on each, and says why in its commit; a new processor adds its own.
 """
 
 import pytest
@@ -18,23 +20,56 @@ HETEROGENEOUS = ["models.small=['lenet','mobilenetv3-small']", "models.small-sha
                  "distill.fusion='sample-share'"]
 
 RECORDED = {
-    "homogeneous": [
-        {"large": 0.12222222238779068, "small:lenet": 0.12222222238779068},
-        {"reverse-loss": 0.03264099359512329, "forward-loss:lenet": 0.022978097200393677,
-         "large": 0.15833333134651184, "small:lenet": 0.4194444417953491},
-        {"reverse-loss": 0.11452121287584305, "forward-loss:lenet": 0.0528513565659523,
-         "large": 0.49166667461395264, "small:lenet": 0.5277777910232544},
-    ],
-    "heterogeneous": [
-        {"large": 0.12222222238779068, "small:lenet": 0.12222222238779068, "small:mobilenetv3-small": 0.07500000298023224},
-        {"reverse-loss": 0.03383529186248779, "forward-loss:lenet": 0.06616578996181488,
-         "forward-loss:mobilenetv3-small": 1.3358938694000244,
-         "large": 0.1805555522441864, "small:lenet": 0.3722222149372101, "small:mobilenetv3-small": 0.10277777910232544},
-        {"reverse-loss": 0.2257702648639679, "forward-loss:lenet": 0.34954583644866943,
-         "forward-loss:mobilenetv3-small": 3.342491626739502,
-         "large": 0.49444442987442017, "small:lenet": 0.5694444179534912, "small:mobilenetv3-small": 0.40833333134651184},
-    ],
+    "homogeneous": {
+        "the development machine (its processor was not recorded)": [
+            {"large": 0.12222222238779068, "small:lenet": 0.12222222238779068},
+            {"reverse-loss": 0.03264099359512329, "forward-loss:lenet": 0.022978097200393677, "large":
+             0.15833333134651184, "small:lenet": 0.4194444417953491},
+            {"reverse-loss": 0.11452121287584305, "forward-loss:lenet": 0.0528513565659523, "large":
+             0.49166667461395264, "small:lenet": 0.5277777910232544},
+        ],
+        "AMD EPYC, AVX2": [
+            {"large": 0.12222222238779068, "small:lenet": 0.12222222238779068},
+            {"reverse-loss": 0.032649315893650055, "forward-loss:lenet": 0.02297089621424675, "large":
+             0.15833333134651184, "small:lenet": 0.4194444417953491},
+            {"reverse-loss": 0.11439208686351776, "forward-loss:lenet": 0.050192516297101974, "large":
+             0.4888888895511627, "small:lenet": 0.519444465637207},
+        ],
+    },
+    "heterogeneous": {
+        "the development machine (its processor was not recorded)": [
+            {"large": 0.12222222238779068, "small:lenet": 0.12222222238779068, "small:mobilenetv3-small":
+             0.07500000298023224},
+            {"reverse-loss": 0.03383529186248779, "forward-loss:lenet": 0.06616578996181488,
+             "forward-loss:mobilenetv3-small": 1.3358938694000244, "large": 0.1805555522441864,
+             "small:lenet": 0.3722222149372101, "small:mobilenetv3-small": 0.10277777910232544},
+            {"reverse-loss": 0.2257702648639679, "forward-loss:lenet": 0.34954583644866943,
+             "forward-loss:mobilenetv3-small": 3.342491626739502, "large": 0.49444442987442017,
+             "small:lenet": 0.5694444179534912, "small:mobilenetv3-small": 0.40833333134651184},
+        ],
+        "AMD EPYC, AVX2": [
+            {"large": 0.12222222238779068, "small:lenet": 0.12222222238779068, "small:mobilenetv3-small":
+             0.07500000298023224},
+            {"reverse-loss": 0.04184678941965103, "forward-loss:lenet": 0.07606375217437744,
+             "forward-loss:mobilenetv3-small": 1.3015514612197876, "large": 0.1805555522441864,
+             "small:lenet": 0.3777777850627899, "small:mobilenetv3-small": 0.12222222238779068},
+            {"reverse-loss": 0.23942163586616516, "forward-loss:lenet": 0.4313865303993225,
+             "forward-loss:mobilenetv3-small": 2.72926926612854, "large": 0.5111111402511597,
+             "small:lenet": 0.5888888835906982, "small:mobilenetv3-small": 0.4416666626930237},
+        ],
+    },
 }
+
+
+def _first_mismatch(observed: list[dict[str, float]], recorded: list[dict[str, float]]) -> str | None:
+    """Where `observed` first departs from one processor's `recorded` rounds, or None where it does not."""
+    if [set(line) for line in observed] != [set(line) for line in recorded]:
+        return f"other metrics: {[sorted(line) for line in observed]}"
+    for round_number, (got, expected) in enumerate(zip(observed, recorded, strict=True)):
+        for key, value in expected.items():
+            if got[key] != pytest.approx(value, rel=1e-5, abs=1e-7):
+                return f"round {round_number}: {key} {got[key]!r}, recorded {value!r}"
+    return None
 
 
 def _observed(line: dict) -> dict[str, float]:
@@ -49,8 +84,7 @@ def test_two_rounds_of_koala_reproduce_the_recorded_losses_and_accuracies(tmp_pa
     if mode == "heterogeneous":
         assert result.summary["small"] == {"lenet": 3, "mobilenetv3-small": 1}
     observed = [_observed(line) for line in result.metrics]
-    assert [set(line) for line in observed] == [set(line) for line in RECORDED[mode]]
-    for round_number, (got, recorded) in enumerate(zip(observed, RECORDED[mode])):
-        for key, value in recorded.items():
-            assert got[key] == pytest.approx(value, rel=1e-5, abs=1e-7), f"round {round_number}: {key}"
+    mismatches = {processor: _first_mismatch(observed, recorded) for processor, recorded in RECORDED[mode].items()}
+    assert None in mismatches.values(), (f"no processor's recorded values reproduced: {mismatches}; "
+                                         f"this processor's values: {observed}")
     assert observed[-1]["large"] > observed[0]["large"] + 0.3  # and the run learns
