@@ -23,23 +23,23 @@ RECORDED = {
     "homogeneous": {
         "the development machine (its processor was not recorded)": [
             {"large": 0.12222222238779068, "small:lenet": 0.12222222238779068},
-            {"reverse-loss": 0.03264099359512329, "forward-loss:lenet": 0.022978097200393677, "large":
-             0.15833333134651184, "small:lenet": 0.4194444417953491},
-            {"reverse-loss": 0.11452121287584305, "forward-loss:lenet": 0.0528513565659523, "large":
-             0.49166667461395264, "small:lenet": 0.5277777910232544},
+            {"reverse-loss": 0.03264099359512329, "forward-loss:lenet": 0.022978097200393677,
+             "large": 0.15833333134651184, "small:lenet": 0.4194444417953491},
+            {"reverse-loss": 0.11452121287584305, "forward-loss:lenet": 0.0528513565659523,
+             "large": 0.49166667461395264, "small:lenet": 0.5277777910232544},
         ],
         "AMD EPYC, AVX2": [
             {"large": 0.12222222238779068, "small:lenet": 0.12222222238779068},
-            {"reverse-loss": 0.032649315893650055, "forward-loss:lenet": 0.02297089621424675, "large":
-             0.15833333134651184, "small:lenet": 0.4194444417953491},
-            {"reverse-loss": 0.11439208686351776, "forward-loss:lenet": 0.050192516297101974, "large":
-             0.4888888895511627, "small:lenet": 0.519444465637207},
+            {"reverse-loss": 0.032649315893650055, "forward-loss:lenet": 0.02297089621424675,
+             "large": 0.15833333134651184, "small:lenet": 0.4194444417953491},
+            {"reverse-loss": 0.11439208686351776, "forward-loss:lenet": 0.050192516297101974,
+             "large": 0.4888888895511627, "small:lenet": 0.519444465637207},
         ],
     },
     "heterogeneous": {
         "the development machine (its processor was not recorded)": [
-            {"large": 0.12222222238779068, "small:lenet": 0.12222222238779068, "small:mobilenetv3-small":
-             0.07500000298023224},
+            {"large": 0.12222222238779068, "small:lenet": 0.12222222238779068,
+             "small:mobilenetv3-small": 0.07500000298023224},
             {"reverse-loss": 0.03383529186248779, "forward-loss:lenet": 0.06616578996181488,
              "forward-loss:mobilenetv3-small": 1.3358938694000244, "large": 0.1805555522441864,
              "small:lenet": 0.3722222149372101, "small:mobilenetv3-small": 0.10277777910232544},
@@ -48,8 +48,8 @@ RECORDED = {
              "small:lenet": 0.5694444179534912, "small:mobilenetv3-small": 0.40833333134651184},
         ],
         "AMD EPYC, AVX2": [
-            {"large": 0.12222222238779068, "small:lenet": 0.12222222238779068, "small:mobilenetv3-small":
-             0.07500000298023224},
+            {"large": 0.12222222238779068, "small:lenet": 0.12222222238779068,
+             "small:mobilenetv3-small": 0.07500000298023224},
             {"reverse-loss": 0.04184678941965103, "forward-loss:lenet": 0.07606375217437744,
              "forward-loss:mobilenetv3-small": 1.3015514612197876, "large": 0.1805555522441864,
              "small:lenet": 0.3777777850627899, "small:mobilenetv3-small": 0.12222222238779068},
