@@ -176,6 +176,9 @@ ROWS: dict[str, Row] = {
     SHIPPED: _koala(*SHIPPED_LEVERS, group="reverse-epochs"),
     # is the shipped recipe still climbing at round 20? (its 20-round runs, continued)
     f"{SHIPPED} rounds=40": _koala(*SHIPPED_LEVERS, group="rounds", rounds=40, continues=SHIPPED),
+    # and the baseline it is held against, at the same 40 rounds
+    "fedavg-large lr=0.003 rounds=40": Row("fedavg-large", ["client.lr=0.003"], 40, "rounds",
+                                           continues="fedavg-large lr=0.003"),
     # keeping the large model's better self: 200 of the 1,000 labelled images leave pretraining and CE
     # to undo any round's reverse distillation that lowers the large model's accuracy on them
     f"{SHIPPED_CLIENTS} +guard=200": _koala(*SHIPPED_CLIENT_LEVERS, "distill.reverse-guard-size=200", group="anchors"),
