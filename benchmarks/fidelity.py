@@ -186,6 +186,12 @@ ROWS: dict[str, Row] = {
     # tolerance one lucky round stops every later one
     f"{SHIPPED_CLIENTS} +guard=200 tolerance=0.02": _koala(*SHIPPED_CLIENT_LEVERS, "distill.reverse-guard-size=200",
                                                           "distill.reverse-guard-tolerance=0.02", group="anchors"),
+    # the distillation loss on the shipped clients: the temperature (both directions; 3 is the default) and
+    # the weight of cross-entropy on the labelled images (1 in the config): can the large model pass its teachers?
+    **{f"{SHIPPED_CLIENTS} temperature={t}": _koala(*SHIPPED_CLIENT_LEVERS, f"distill.temperature={t}",
+                                                    group="reverse-loss") for t in (1, 6)},
+    f"{SHIPPED_CLIENTS} ce-weight=3": _koala(*SHIPPED_CLIENT_LEVERS, "distill.reverse-ce-weight=3.0",
+                                             group="reverse-loss"),
     # more from the same proxy images: augmented reverse batches (the teachers see the same view), the
     # clients' models as an ensemble instead of their average
     "koala +initial-forward +augment": _map_row("distill.reverse.flip=true", "distill.reverse.max-shift=2",
