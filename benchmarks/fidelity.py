@@ -19,7 +19,9 @@ configs/koala-homogeneous.toml now ships, chosen on validation, is row
     python benchmarks/fidelity.py batchnorm --rows "fedavg-small lenet" --out OUT  # the small models' BatchNorm statistics
 
 Runs are one torch thread each (`threads=1`); start several processes with disjoint rows to use
-more cores. A row's run directory is reused when its summary exists.
+more cores. A row's run directory is reused when its summary exists. `run` refuses to start when the
+`koala` package it imports is not this checkout's (from a detached worktree beside an editable
+install elsewhere, run it with `PYTHONPATH=src`): a run records the commit of the code it ran.
 """
 
 from __future__ import annotations
@@ -43,6 +45,7 @@ from koala.errors import KoalaError  # noqa: E402
 from koala.report import save_figure  # noqa: E402
 from koala.run.checkpoint import CHECKPOINT_FILE  # noqa: E402
 from koala.run.launch import run_local  # noqa: E402
+from koala.run.provenance import PACKAGE_DIR  # noqa: E402
 from koala.run.run_dir import (  # noqa: E402
     CONFIG_FILE,
     ENVIRONMENT_FILE,
@@ -52,7 +55,8 @@ from koala.run.run_dir import (  # noqa: E402
     read_run_config,
 )
 
-CONFIGS = Path(__file__).resolve().parent.parent / "configs"
+CHECKOUT = Path(__file__).resolve().parent.parent
+CONFIGS = CHECKOUT / "configs"
 REFERENCE = ["data.validation-size=5000", "data.proxy-size=6000", "threads=1"]
 ROUNDS = 20
 LADDER = ["lenet-narrow", "lenet", "mobilenetv3-small-imagenet", "shufflenetv2-0.5-ds", "lenet-wide",
@@ -252,6 +256,18 @@ def run_rows(rows: list[str], seeds: list[int], out: Path, extra: list[str]) -> 
                 run_local(read_run_config(target, ROWS[row].rounds), target, resume=True)
                 continue
             run_local(row_config(row, seed, extra), target)
+
+
+def foreign_package(checkout: Path, package_dir: Path) -> str | None:
+    """Why runs started from `checkout` would not run its code: the `koala` package imported
+    (`package_dir`) is another checkout's or an installed copy, whose commit the runs would record
+    (e.g. this script in a detached worktree beside the main checkout's editable install); None when
+    it is `checkout`'s own."""
+    own = (checkout / "src" / "koala").resolve()
+    if package_dir.resolve() == own:
+        return None
+    return (f"{checkout / 'benchmarks' / 'fidelity.py'} imports koala from {package_dir}, not from {own}: its runs "
+            f"would run that code and record its commit. Run it with PYTHONPATH={checkout / 'src'}")
 
 
 def row_config(row: str, seed: int, extra: Sequence[str] = ()) -> ExperimentConfig:
@@ -579,6 +595,8 @@ def main() -> None:
     if unknown:
         parser.error(f"unknown rows {unknown}; `rows` lists them")
     rows = args.rows or [name for name, row in ROWS.items() if args.group is None or row.group == args.group]
+    if args.command == "run" and (foreign := foreign_package(CHECKOUT, PACKAGE_DIR)):
+        parser.error(foreign)
     if args.command == "check":
         raise SystemExit(1 if check(rows, args.seeds, args.out, args.set) else 0)
     commands: dict[str, Callable[[], None]] = {

@@ -77,3 +77,21 @@ def test_a_run_is_named_by_its_commits_and_the_instruction_set_each_session_ran_
         (run / "environment.json").write_text(json.dumps({"sessions": recorded}))
     assert fidelity.RunRead.load(tmp_path / "resumed").commit == "aaaaaaa (AVX512)→bbbbbbb+dirty (AVX2)"
     assert fidelity.RunRead.load(tmp_path / "older").commit == "ccccccc"
+
+
+def test_runs_are_refused_when_the_script_would_run_another_checkouts_package(fidelity, tmp_path) -> None:
+    import shutil
+    import subprocess
+
+    from koala.run.provenance import PACKAGE_DIR
+
+    assert fidelity.foreign_package(ROOT, PACKAGE_DIR) is None
+    # the script copied into a checkout of its own (a worktree) still imports this checkout's package
+    (tmp_path / "benchmarks").mkdir()
+    script = shutil.copy(ROOT / "benchmarks" / "fidelity.py", tmp_path / "benchmarks")
+    out = tmp_path / "out"
+    done = subprocess.run([sys.executable, script, "run", "--rows", "koala", "--seeds", "0", "--out", str(out)],
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 2
+    assert f"imports koala from {PACKAGE_DIR}" in done.stderr and f"PYTHONPATH={tmp_path / 'src'}" in done.stderr
+    assert not out.exists()
