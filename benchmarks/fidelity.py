@@ -194,8 +194,8 @@ ROWS: dict[str, Row] = {
     # the weight of cross-entropy on the labelled images (1 in the config): can the large model pass its teachers?
     **{f"{SHIPPED_CLIENTS} temperature={t}": _koala(*SHIPPED_CLIENT_LEVERS, f"distill.temperature={t}",
                                                     group="reverse-loss") for t in (1, 6)},
-    f"{SHIPPED_CLIENTS} ce-weight=3": _koala(*SHIPPED_CLIENT_LEVERS, "distill.reverse-ce-weight=3.0",
-                                             group="reverse-loss"),
+    **{f"{SHIPPED_CLIENTS} ce-weight={w}": _koala(*SHIPPED_CLIENT_LEVERS, f"distill.reverse-ce-weight={w}",
+                                                  group="reverse-loss") for w in (0.3, 3)},
     # more from the same proxy images: augmented reverse batches (the teachers see the same view), the
     # clients' models as an ensemble instead of their average
     "koala +initial-forward +augment": _map_row("distill.reverse.flip=true", "distill.reverse.max-shift=2",
