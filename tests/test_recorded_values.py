@@ -35,6 +35,13 @@ RECORDED = {
             {"reverse-loss": 0.11439208686351776, "forward-loss:lenet": 0.050192516297101974,
              "large": 0.4888888895511627, "small:lenet": 0.519444465637207},
         ],
+        "AMD EPYC, AVX512": [
+            {"large": 0.12222222238779068, "small:lenet": 0.12222222238779068},
+            {"reverse-loss": 0.03264099359512329, "forward-loss:lenet": 0.02297808788716793,
+             "large": 0.15833333134651184, "small:lenet": 0.4194444417953491},
+            {"reverse-loss": 0.11452122777700424, "forward-loss:lenet": 0.0528513565659523,
+             "large": 0.49166667461395264, "small:lenet": 0.5277777910232544},
+        ],
     },
     "heterogeneous": {
         "the development machine (its processor was not recorded)": [
@@ -56,6 +63,16 @@ RECORDED = {
             {"reverse-loss": 0.23942163586616516, "forward-loss:lenet": 0.4313865303993225,
              "forward-loss:mobilenetv3-small": 2.72926926612854, "large": 0.5111111402511597,
              "small:lenet": 0.5888888835906982, "small:mobilenetv3-small": 0.4416666626930237},
+        ],
+        "AMD EPYC, AVX512": [
+            {"large": 0.12222222238779068, "small:lenet": 0.12222222238779068,
+             "small:mobilenetv3-small": 0.07500000298023224},
+            {"reverse-loss": 0.051606763154268265, "forward-loss:lenet": 0.08410708606243134,
+             "forward-loss:mobilenetv3-small": 1.02744460105896, "large": 0.18333333730697632,
+             "small:lenet": 0.36666667461395264, "small:mobilenetv3-small": 0.12222222238779068},
+            {"reverse-loss": 0.21445322036743164, "forward-loss:lenet": 0.48124808073043823,
+             "forward-loss:mobilenetv3-small": 2.4509410858154297, "large": 0.5361111164093018,
+             "small:lenet": 0.6416666507720947, "small:mobilenetv3-small": 0.3499999940395355},
         ],
     },
 }
