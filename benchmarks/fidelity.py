@@ -45,7 +45,7 @@ from koala.errors import KoalaError  # noqa: E402
 from koala.report import save_figure  # noqa: E402
 from koala.run.checkpoint import CHECKPOINT_FILE  # noqa: E402
 from koala.run.launch import run_local  # noqa: E402
-from koala.run.provenance import PACKAGE_DIR  # noqa: E402
+from koala.run.provenance import PACKAGE_DIR, checkout_package  # noqa: E402
 from koala.run.run_dir import (  # noqa: E402
     CONFIG_FILE,
     ENVIRONMENT_FILE,
@@ -263,7 +263,7 @@ def foreign_package(checkout: Path, package_dir: Path) -> str | None:
     (`package_dir`) is another checkout's or an installed copy, whose commit the runs would record
     (e.g. this script in a detached worktree beside the main checkout's editable install); None when
     it is `checkout`'s own."""
-    own = (checkout / "src" / "koala").resolve()
+    own = checkout_package(checkout)
     if package_dir.resolve() == own:
         return None
     return (f"{checkout / 'benchmarks' / 'fidelity.py'} imports koala from {package_dir}, not from {own}: its runs "

@@ -4,7 +4,9 @@ row that is not the shipped recipe is told apart from it, and the rows built on 
 still resolve to the config their runs recorded."""
 
 import importlib.util
+import os
 import sys
+from pathlib import Path
 
 import pytest
 from helpers import CONFIGS, ROOT
@@ -95,3 +97,27 @@ def test_runs_are_refused_when_the_script_would_run_another_checkouts_package(fi
     assert done.returncode == 2
     assert f"imports koala from {PACKAGE_DIR}" in done.stderr and f"PYTHONPATH={tmp_path / 'src'}" in done.stderr
     assert not out.exists()
+
+
+def test_a_checkout_of_its_own_with_its_src_on_the_path_runs_and_records_its_own_commit(tmp_path) -> None:
+    import json
+    import subprocess
+
+    def git(*args: str, cwd: Path = ROOT) -> str:
+        return subprocess.run(["git", "-c", "user.name=t", "-c", "user.email=t@t", *args], cwd=cwd,
+                              capture_output=True, text=True, check=True).stdout.strip()
+
+    if subprocess.run(["git", "-C", str(ROOT), "rev-parse"], capture_output=True).returncode != 0:
+        pytest.skip("the project is not a git checkout here")
+    clone = tmp_path / "clone"
+    git("clone", "-q", "--shared", str(ROOT), str(clone))
+    git("commit", "-q", "--allow-empty", "-m", "a commit only the clone has", cwd=clone)
+    probe = ("import json, fidelity; from koala.run import provenance as p; print(json.dumps("
+             "{'foreign': fidelity.foreign_package(fidelity.CHECKOUT, p.PACKAGE_DIR), 'source': p.source_version()}))")
+    env = {**os.environ, "PYTHONPATH": f"{clone / 'src'}{os.pathsep}{clone / 'benchmarks'}"}
+    done = subprocess.run([sys.executable, "-c", probe], env=env, cwd=tmp_path, capture_output=True, text=True,
+                          timeout=120, check=True)
+    seen = json.loads(done.stdout.strip().splitlines()[-1])
+    assert seen["foreign"] is None
+    assert seen["source"] == {"commit": git("rev-parse", "HEAD", cwd=clone), "dirty": False}
+    assert seen["source"]["commit"] != git("rev-parse", "HEAD")

@@ -27,11 +27,16 @@ def _git(*args: str) -> str | None:
     return done.stdout.strip() if done.returncode == 0 else None
 
 
+def checkout_package(checkout: Path) -> Path:
+    """The `koala` package directory inside the project checkout `checkout` (its src/ layout)."""
+    return (checkout / "src" / "koala").resolve()
+
+
 def source_version() -> dict[str, Any]:
     """The commit the `koala` package was imported from, and whether tracked files differ from it;
     for an installed (non-checkout) package, its version instead."""
     top = _git("rev-parse", "--show-toplevel")
-    if top is not None and (Path(top) / "src" / "koala").resolve() == PACKAGE_DIR:
+    if top is not None and checkout_package(Path(top)) == PACKAGE_DIR:
         status = _git("status", "--porcelain", "--untracked-files=no")
         return {"commit": _git("rev-parse", "HEAD"), "dirty": bool(status) if status is not None else None}
     try:
