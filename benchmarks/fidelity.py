@@ -352,7 +352,8 @@ class RunRead:
         evaluated = [line for line in self.lines if key in line and (at_round is None or line["round"] <= at_round)]
         if not evaluated or (at_round is not None and evaluated[-1]["round"] != at_round):
             return None
-        return evaluated[-1][key][model]["accuracy"]
+        results = evaluated[-1][key]  # a run from before "averaged:ARCH" was evaluated has none
+        return results[model]["accuracy"] if model in results else None
 
     def best_validation_round(self, at_round: int) -> dict[str, Any] | None:
         """The metrics line of the round (1 to `at_round`) whose headline model did best on the
@@ -398,9 +399,21 @@ def _mean(values: list[float | None]) -> float | None:
     return statistics.mean(values) if values else None
 
 
+def small_cell(runs: list[RunRead], split: str, at_round: int) -> str:
+    """Each small model the clients receive after round `at_round` (forward-distilled) and, where every
+    run evaluated it, that round's averaged model before forward distillation: KOALA's teacher."""
+    parts = []
+    for model in runs[0].small_models():
+        arch = model.removeprefix("small:")
+        averaged = [r.accuracy(split, f"averaged:{arch}", at_round) for r in runs]
+        teacher = f" (averaged {cell(averaged)})" if None not in averaged else ""
+        parts.append(f"{arch} {cell([r.accuracy(split, model, at_round) for r in runs])}{teacher}")
+    return ", ".join(parts)
+
+
 def table(rows: list[str], seeds: list[int], out: Path, split: str, at_round: int) -> str:
     """Markdown: each row's large model at the start and at `at_round`, its headline model on the
-    validation split (what the choices were made on), its small model(s), the clients' training
+    validation split (what the choices were made on), its small model(s) (`small_cell`), the clients' training
     TFLOPs a round, the seeds and the commit(s) that produced the runs."""
     lines = [f"| row | start | large model, round {at_round} | large model, best validation round ≤ {at_round} "
              f"| validation, round {at_round} | small model(s), round {at_round} | client TFLOPs / round | seeds | commit |",
@@ -415,7 +428,7 @@ def table(rows: list[str], seeds: list[int], out: Path, split: str, at_round: in
         chosen = [r.validation_selected(at_round) for r in runs] if has_large and split == "test" else []
         selected = (f"{cell([c[1] for c in chosen if c])} (rounds {', '.join(str(c[0]) for c in chosen if c)})"
                     if any(chosen) else "–")
-        small = ", ".join(f"{m[6:]} {cell([r.accuracy(split, m, at_round) for r in runs])}" for m in runs[0].small_models())
+        small = small_cell(runs, split, at_round)
         validation = cell([r.accuracy("validation", at_round=at_round) for r in runs])
         flops = statistics.mean(r.client_flops_per_round(at_round) for r in runs) / 1e12
         commits = ", ".join(sorted({r.commit or "?" for r in runs}))

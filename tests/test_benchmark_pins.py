@@ -81,6 +81,22 @@ def test_a_run_is_named_by_its_commits_and_the_instruction_set_each_session_ran_
     assert fidelity.RunRead.load(tmp_path / "older").commit == "ccccccc"
 
 
+def test_the_small_model_cell_shows_the_averaged_teacher_where_every_run_evaluated_it(fidelity, tmp_path) -> None:
+    import json
+
+    def run(name: str, small: float, averaged: float | None):
+        (tmp_path / name).mkdir()
+        last = {"small:lenet": {"accuracy": small}} | ({"averaged:lenet": {"accuracy": averaged}} if averaged else {})
+        lines = [{"round": 0, "eval": {"large": {"accuracy": 0.5}, "small:lenet": {"accuracy": 0.4}}}, {"round": 1, "eval": last}]
+        (tmp_path / name / "metrics.jsonl").write_text("".join(json.dumps(line) + "\n" for line in lines))
+        (tmp_path / name / "summary.json").write_text("{}")
+        return fidelity.RunRead.load(tmp_path / name)
+
+    new, newer, older = run("new", 0.88, 0.86), run("newer", 0.90, 0.84), run("older", 0.86, None)
+    assert fidelity.small_cell([new, newer], "test", 1) == "lenet 89.00 ± 1.00 (averaged 85.00 ± 1.00)"
+    assert fidelity.small_cell([new, older], "test", 1) == "lenet 87.00 ± 1.00"  # not every run has it
+
+
 def test_runs_are_refused_when_the_script_would_run_another_checkouts_package(fidelity, tmp_path) -> None:
     import shutil
     import subprocess

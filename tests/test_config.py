@@ -165,4 +165,4 @@ def test_the_papers_cifar10_presets_run_a_tiny_round(preset: str, small: str | N
     expected = {"mobilenetv2": 1, "shufflenetv2": 1, "mobilenetv3-small": 1} if small is None else {small[2:-2]: 3}
     assert summary["small"] == expected and summary["mode"] == ("heterogeneous" if small is None else "homogeneous")
     assert result.metrics[1]["accepted"] == 3 and "reverse-loss" in result.metrics[1]
-    assert {f"small:{arch}" for arch in expected} | {"large"} == set(result.metrics[1]["eval"])
+    assert {f"{role}:{arch}" for arch in expected for role in ("small", "averaged")} | {"large"} == set(result.metrics[1]["eval"])

@@ -152,7 +152,9 @@ def test_validation_split_is_evaluated_every_round_beside_the_test_split(tmp_pat
     overrides = ["data.dataset='digits'", "data.num-clients=4", "models.large='lenet'", "models.small=['lenet']",
                  "rounds=2", "data.min-client-size=20", "data.validation-size=300"]
     metrics, summary = _run(tmp_path, overrides)
-    assert all(set(line["eval-validation"]) == {"large", "small:lenet"} for line in metrics)
+    # the start has no averaged model yet; every round after it evaluates the round's one, on both splits
+    assert set(metrics[0]["eval-validation"]) == {"large", "small:lenet"}
+    assert all(set(line[key]) == {"large", "small:lenet", "averaged:lenet"} for line in metrics[1:] for key in ("eval", "eval-validation"))
     assert metrics[-1]["eval-validation"] != metrics[-1]["eval"]  # 300 validation images, not the test split
     assert summary["validation"]["final"] == metrics[-1]["eval-validation"]
     assert summary["split"]["validation"] == 300

@@ -15,7 +15,7 @@ from koala.distill import soft_targets
 from koala.run.experiment import Experiment, prepare_experiment
 from koala.run.launch import run_local
 from koala.training import predict_logits
-from koala.weights import instantiate
+from koala.weights import evaluate_state, instantiate
 
 DIGITS = [*DIGITS_KOALA, "rounds=3", "client.epochs=3", "distill.temperature=1.0", "distill.reverse.epochs=5"]
 
@@ -99,6 +99,26 @@ def test_forward_mix_blends_the_distilled_and_the_averaged_small_model(mix: floa
     for name, value in averaged.items():
         if value.is_floating_point():
             torch.testing.assert_close(mixed[name], mix * distilled[name] + (1 - mix) * value, rtol=1e-5, atol=1e-6)
+
+
+def test_evaluation_reports_the_rounds_averaged_model_before_forward_distillation() -> None:
+    """The large model's teacher (the averaged model) is evaluated, not only the forward-distilled
+    small model the clients receive; the start, before any round averaged, has none."""
+    experiment = _experiment()
+    algorithm = experiment.algorithm
+    state = algorithm.initial_state(RoundMetrics())
+    assert set(algorithm.evaluate(state)) == {"large", "small:lenet"}
+    updates = round_one_updates(experiment)
+    averaged = aggregate_by_architecture(updates)["lenet"].state
+    after = algorithm.server_round(state, updates, RoundMetrics())
+    test = experiment.split.test
+    results = algorithm.evaluate(after)
+    assert results["averaged:lenet"] == evaluate_state("lenet", experiment.spec, averaged, test)
+    assert results["small:lenet"] == evaluate_state("lenet", experiment.spec, after.small["lenet"], test)
+    assert results["averaged:lenet"] != results["small:lenet"]  # forward distillation moved the small model
+    other = experiment.split.client_pool  # another split: the averaged model is evaluated on the data asked for
+    assert algorithm.evaluate(after, other)["averaged:lenet"] == evaluate_state("lenet", experiment.spec, averaged, other)
+    assert "averaged:lenet" not in algorithm.evaluate(state)  # an earlier state: the round's averaged model is not its own
 
 
 def test_koala_keeps_the_server_momentum_of_each_distillation_when_asked() -> None:

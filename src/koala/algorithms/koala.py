@@ -13,6 +13,11 @@ Homogeneous mode is the special case of a single small architecture. A round, on
 3. forward distillation: the large model's softened outputs are distilled into every small model,
    which the clients receive next round.
 
+Evaluation reports, beside the large model and the small models the clients receive next round
+("small:ARCH", after forward distillation), each architecture's averaged model of the round before
+forward distillation ("averaged:ARCH"): under `distill.teacher = "averaged"` the teacher the large
+model learned from this round, which the forward-distilled small model is not.
+
 Names: the round's *teacher* is a function from images to soft targets; *targets* are what
 distillation learns from (fixed on the proxy set, or the teacher itself when batches are
 augmented: `distillation_targets`); `distill.teacher` in the config is the *teacher kind*.
@@ -28,6 +33,7 @@ import torch
 from koala.aggregate import GroupAggregate, fedavg
 from koala.algorithms.base import Algorithm, RoundMetrics
 from koala.config import DistillOptimizerConfig
+from koala.data.dataset import ImageSplit
 from koala.distill import (
     Distillation,
     anchored_targets,
@@ -44,7 +50,7 @@ from koala.training import (
     predict_logits,
     train_distill,
 )
-from koala.weights import instantiate, module_state
+from koala.weights import evaluate_state, instantiate, module_state
 
 REVERSE = "reverse"
 """The optimiser role of reverse distillation; forward distillation's are "forward:ARCH"."""
@@ -68,6 +74,8 @@ class Koala(Algorithm):
         super().__init__(*args, **kwargs)
         self.fuse = fusion_rule(self.config.distill.fusion)
         self.kd = Distillation(self.config.distill.temperature)
+        self._averaged: tuple[int, dict[str, StateDict]] = (-1, {})
+        """The last round's number and its averaged model per architecture, before forward distillation."""
 
     def client_architecture(self, client_id: int) -> str:
         return self.assignment[client_id]
@@ -108,6 +116,7 @@ class Koala(Algorithm):
         small = {**state.small, **{arch: group.state for arch, group in groups.items()}}
         if not groups:
             return ServerState(round_number, state.large, small, state.optimizers)
+        self._averaged = (round_number, {arch: group.state for arch, group in groups.items()})
         momentum = dict(state.optimizers)
         with metrics.timed("reverse-distill"):
             large_model, momentum[REVERSE] = self._reverse_distill(state, updates, groups, round_number, metrics)
@@ -127,6 +136,16 @@ class Koala(Algorithm):
                     )
         kept = momentum if self.config.distill.keep_optimizer_state else {}
         return ServerState(round_number, module_state(large_model), small, kept)
+
+    def evaluate(self, state: ServerState, data: ImageSplit | None = None) -> dict[str, dict[str, float]]:
+        """The large and small models' metrics (`Algorithm.evaluate`) and, after a round that averaged
+        updates, each architecture's averaged model of that round as "averaged:ARCH"."""
+        results = super().evaluate(state, data)
+        averaged_round, averaged = self._averaged
+        if averaged_round == state.round:
+            data = self.server_data.test if data is None else data
+            results.update({f"averaged:{arch}": evaluate_state(arch, self.spec, weights, data) for arch, weights in averaged.items()})
+        return results
 
     # -- reverse distillation: the small models teach the large one -------------------------------
     def round_teacher(self, updates: Sequence[ClientUpdate], groups: dict[str, GroupAggregate], metrics: RoundMetrics) -> TargetFunction:
