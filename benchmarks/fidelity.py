@@ -15,6 +15,7 @@ configs/koala-homogeneous.toml now ships, chosen on validation, is row
     python benchmarks/fidelity.py table --group proxy --seeds 0 1 --out OUT  # test split, for RESULTS
     python benchmarks/fidelity.py frontier --out OUT --plot benchmarks/figures/frontier.png
     python benchmarks/fidelity.py by-round --rows koala "fedavg-large lr=0.01" --out OUT [--plot PNG]
+    python benchmarks/fidelity.py by-round --rows koala --models large averaged:lenet --out OUT  # the large model and its teacher
     python benchmarks/fidelity.py check --seeds 0 1 2 --out OUT   # runs whose config is no longer their row's
     python benchmarks/fidelity.py batchnorm --rows "fedavg-small lenet" --out OUT  # the small models' BatchNorm statistics
 
@@ -372,7 +373,7 @@ class RunRead:
     def by_round(self, split: str, model: str | None = None) -> list[tuple[int, float]]:
         key = "eval" if split == "test" else "eval-validation"
         model = model or self.headline()
-        return [(line["round"], line[key][model]["accuracy"]) for line in self.lines if key in line]
+        return [(line["round"], line[key][model]["accuracy"]) for line in self.lines if key in line and model in line[key]]
 
     def small_models(self) -> list[str]:
         return [m for m in self.lines[0]["eval"] if m.startswith("small:")]
@@ -456,28 +457,29 @@ def select(group: str, seeds: list[int], out: Path, at_round: int) -> str:
                      [f"{100 * value:.2f}  {100 * best:.2f}  {row}" for value, best, row in ranked])
 
 
-def _mean_curves(rows: list[str], seeds: list[int], out: Path, split: str,
-                 at_round: int) -> dict[str, list[tuple[int, float, float, float]]]:
-    """Per row with runs: (round, mean, lowest, highest) of its headline model's accuracy in %, over
-    the rounds up to `at_round` that every seed reached."""
+def _mean_curves(rows: list[str], seeds: list[int], out: Path, split: str, at_round: int,
+                 models: Sequence[str] = ()) -> dict[str, list[tuple[int, float, float, float]]]:
+    """Per row with runs and per model (its headline model unless `models` names some, e.g.
+    "averaged:lenet-narrow"): (round, mean, lowest, highest) of its accuracy in %, over the rounds
+    up to `at_round` that every seed evaluated it."""
     curves = {}
-    for row in rows:
+    for row, model in ((row, model) for row in rows for model in models or [None]):
         runs = _runs(out, row, seeds)
         if not runs:
             continue
-        by_seed = [dict(r.by_round(split)) for r in runs]
+        by_seed = [dict(r.by_round(split, model)) for r in runs]
         rounds = sorted(n for n in set.intersection(*(set(c) for c in by_seed)) if n <= at_round)
-        curves[f"{row} ({runs[0].headline()})"] = [
+        curves[f"{row} ({model or runs[0].headline()})"] = [
             (n, 100 * statistics.mean(c[n] for c in by_seed), 100 * min(c[n] for c in by_seed), 100 * max(c[n] for c in by_seed))
             for n in rounds]
     return curves
 
 
-def by_round_table(rows: list[str], seeds: list[int], out: Path, split: str, at_round: int) -> str:
-    """Markdown: each row's headline accuracy by round, the mean over seeds (lowest–highest where
-    there are several)."""
+def by_round_table(rows: list[str], seeds: list[int], out: Path, split: str, at_round: int, models: Sequence[str] = ()) -> str:
+    """Markdown: each row's headline accuracy (or each of `models`') by round, the mean over seeds
+    (lowest–highest where there are several)."""
     curves = {label: {n: (mean, low, high) for n, mean, low, high in curve}
-              for label, curve in _mean_curves(rows, seeds, out, split, at_round).items()}
+              for label, curve in _mean_curves(rows, seeds, out, split, at_round, models).items()}
     lines = [f"| round | {' | '.join(curves)} |", "|---" * (len(curves) + 1) + "|"]
     for n in sorted(set().union(*curves.values())):
         cells = ["–" if n not in curve else f"{curve[n][0]:.2f}" if curve[n][1] == curve[n][2] else
@@ -486,9 +488,10 @@ def by_round_table(rows: list[str], seeds: list[int], out: Path, split: str, at_
     return "\n".join(lines)
 
 
-def by_round_plot(rows: list[str], seeds: list[int], out: Path, split: str, at_round: int, path: Path) -> None:
+def by_round_plot(rows: list[str], seeds: list[int], out: Path, split: str, at_round: int, path: Path,
+                  models: Sequence[str] = ()) -> None:
     fig, ax = plt.subplots(figsize=(9, 6))
-    for label, curve in _mean_curves(rows, seeds, out, split, at_round).items():
+    for label, curve in _mean_curves(rows, seeds, out, split, at_round, models).items():
         rounds, mean, low, high = zip(*curve, strict=True)
         (line,) = ax.plot(rounds, mean, "-" if label.endswith("(large)") else "--", marker="o", markersize=2, label=label)
         ax.fill_between(rounds, low, high, color=line.get_color(), alpha=0.15)
@@ -498,11 +501,12 @@ def by_round_plot(rows: list[str], seeds: list[int], out: Path, split: str, at_r
     save_figure(fig, path)
 
 
-def by_round(rows: list[str], seeds: list[int], out: Path, split: str, at_round: int, plot: Path | None) -> None:
+def by_round(rows: list[str], seeds: list[int], out: Path, split: str, at_round: int, plot: Path | None,
+             models: Sequence[str] = ()) -> None:
     """Print the by-round table up to `at_round`; draw it too where a plot path is given."""
-    print(by_round_table(rows, seeds, out, split, at_round))
+    print(by_round_table(rows, seeds, out, split, at_round, models))
     if plot is not None:
-        by_round_plot(rows, seeds, out, split, at_round, plot)
+        by_round_plot(rows, seeds, out, split, at_round, plot, models)
 
 
 def frontier(seeds: list[int], out: Path, split: str, at_round: int, plot: Path | None) -> str:
@@ -604,6 +608,8 @@ def main() -> None:
     parser.add_argument("--split", choices=["test", "validation"], default="test")
     parser.add_argument("--at-round", type=int, default=ROUNDS)
     parser.add_argument("--plot", type=Path)
+    parser.add_argument("--models", nargs="+", default=[], metavar="MODEL",
+                        help="by-round: these models (large, small:ARCH, averaged:ARCH) instead of each row's headline")
     parser.add_argument("--images", type=int, default=5000, help="batchnorm: proxy images to re-estimate statistics on")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="extra override for every run")
     args = parser.parse_args()
@@ -620,7 +626,7 @@ def main() -> None:
         "table": lambda: print(table(rows, args.seeds, args.out, args.split, args.at_round)),
         "select": lambda: print(select(args.group, args.seeds, args.out, args.at_round)),
         "frontier": lambda: print(frontier(args.seeds, args.out, args.split, args.at_round, args.plot)),
-        "by-round": lambda: by_round(rows, args.seeds, args.out, args.split, args.at_round, args.plot),
+        "by-round": lambda: by_round(rows, args.seeds, args.out, args.split, args.at_round, args.plot, args.models),
         "batchnorm": lambda: print(batchnorm_statistics(rows, args.seeds, args.out, args.images)),
         "rows": lambda: print("\n".join(f"{name}  [{row.group}] {row.config} {' '.join(row.overrides)} "
                                         f"rounds={row.rounds}" for name, row in ROWS.items())),

@@ -81,7 +81,7 @@ def test_a_run_is_named_by_its_commits_and_the_instruction_set_each_session_ran_
     assert fidelity.RunRead.load(tmp_path / "older").commit == "ccccccc"
 
 
-def test_the_small_model_cell_shows_the_averaged_teacher_where_every_run_evaluated_it(fidelity, tmp_path) -> None:
+def test_the_tables_show_the_averaged_teacher_where_the_runs_evaluated_it(fidelity, tmp_path) -> None:
     import json
 
     def run(name: str, small: float, averaged: float | None):
@@ -95,6 +95,7 @@ def test_the_small_model_cell_shows_the_averaged_teacher_where_every_run_evaluat
     new, newer, older = run("new", 0.88, 0.86), run("newer", 0.90, 0.84), run("older", 0.86, None)
     assert fidelity.small_cell([new, newer], "test", 1) == "lenet 89.00 ± 1.00 (averaged 85.00 ± 1.00)"
     assert fidelity.small_cell([new, older], "test", 1) == "lenet 87.00 ± 1.00"  # not every run has it
+    assert new.by_round("test", "averaged:lenet") == [(1, 0.86)]  # by round: the rounds that evaluated it
 
 
 def test_runs_are_refused_when_the_script_would_run_another_checkouts_package(fidelity, tmp_path) -> None:
