@@ -353,8 +353,10 @@ class RunRead:
         evaluated = [line for line in self.lines if key in line and (at_round is None or line["round"] <= at_round)]
         if not evaluated or (at_round is not None and evaluated[-1]["round"] != at_round):
             return None
-        results = evaluated[-1][key]  # a run from before "averaged:ARCH" was evaluated has none
-        return results[model]["accuracy"] if model in results else None
+        results = evaluated[-1][key]
+        if model.startswith("averaged:") and model not in results:
+            return None  # a run from before KOALA evaluated its averaged models, or a round without forward distillation
+        return results[model]["accuracy"]
 
     def best_validation_round(self, at_round: int) -> dict[str, Any] | None:
         """The metrics line of the round (1 to `at_round`) whose headline model did best on the
@@ -463,15 +465,15 @@ def _mean_curves(rows: list[str], seeds: list[int], out: Path, split: str, at_ro
     "averaged:lenet-narrow"): (round, mean, lowest, highest) of its accuracy in %, over the rounds
     up to `at_round` that every seed evaluated it."""
     curves = {}
-    for row, model in ((row, model) for row in rows for model in models or [None]):
+    for row in rows:
         runs = _runs(out, row, seeds)
-        if not runs:
-            continue
-        by_seed = [dict(r.by_round(split, model)) for r in runs]
-        rounds = sorted(n for n in set.intersection(*(set(c) for c in by_seed)) if n <= at_round)
-        curves[f"{row} ({model or runs[0].headline()})"] = [
-            (n, 100 * statistics.mean(c[n] for c in by_seed), 100 * min(c[n] for c in by_seed), 100 * max(c[n] for c in by_seed))
-            for n in rounds]
+        for model in (models or [None]) if runs else []:
+            by_seed = [dict(r.by_round(split, model)) for r in runs]
+            rounds = sorted(n for n in set.intersection(*(set(c) for c in by_seed)) if n <= at_round)
+            if rounds:  # a row that never evaluated `model` has no curve
+                curves[f"{row} ({model or runs[0].headline()})"] = [
+                    (n, 100 * statistics.mean(c[n] for c in by_seed), 100 * min(c[n] for c in by_seed),
+                     100 * max(c[n] for c in by_seed)) for n in rounds]
     return curves
 
 
@@ -504,6 +506,9 @@ def by_round_plot(rows: list[str], seeds: list[int], out: Path, split: str, at_r
 def by_round(rows: list[str], seeds: list[int], out: Path, split: str, at_round: int, plot: Path | None,
              models: Sequence[str] = ()) -> None:
     """Print the by-round table up to `at_round`; draw it too where a plot path is given."""
+    if not _mean_curves(rows, seeds, out, split, at_round, models):
+        raise SystemExit(f"no run of {rows} (seeds {seeds}) in {out} evaluated {list(models) or 'its headline model'} "
+                         f"up to round {at_round}: run the rows first, or name models they evaluate (large, small:ARCH, averaged:ARCH)")
     print(by_round_table(rows, seeds, out, split, at_round, models))
     if plot is not None:
         by_round_plot(rows, seeds, out, split, at_round, plot, models)

@@ -84,18 +84,25 @@ def test_a_run_is_named_by_its_commits_and_the_instruction_set_each_session_ran_
 def test_the_tables_show_the_averaged_teacher_where_the_runs_evaluated_it(fidelity, tmp_path) -> None:
     import json
 
-    def run(name: str, small: float, averaged: float | None):
-        (tmp_path / name).mkdir()
-        last = {"small:lenet": {"accuracy": small}} | ({"averaged:lenet": {"accuracy": averaged}} if averaged else {})
+    def run(row: str, seed: int, small: float, averaged: float | None):
+        path = fidelity.run_dir(tmp_path, row, seed)
+        path.mkdir()
+        last = {"large": {"accuracy": 0.6}, "small:lenet": {"accuracy": small}}
+        last |= {"averaged:lenet": {"accuracy": averaged}} if averaged is not None else {}
         lines = [{"round": 0, "eval": {"large": {"accuracy": 0.5}, "small:lenet": {"accuracy": 0.4}}}, {"round": 1, "eval": last}]
-        (tmp_path / name / "metrics.jsonl").write_text("".join(json.dumps(line) + "\n" for line in lines))
-        (tmp_path / name / "summary.json").write_text("{}")
-        return fidelity.RunRead.load(tmp_path / name)
+        (path / "metrics.jsonl").write_text("".join(json.dumps(line) + "\n" for line in lines))
+        (path / "summary.json").write_text("{}")
+        return fidelity.RunRead.load(path)
 
-    new, newer, older = run("new", 0.88, 0.86), run("newer", 0.90, 0.84), run("older", 0.86, None)
+    new, newer, older = run("koala", 0, 0.88, 0.86), run("koala", 1, 0.90, 0.84), run("label-free", 0, 0.86, None)
     assert fidelity.small_cell([new, newer], "test", 1) == "lenet 89.00 ± 1.00 (averaged 85.00 ± 1.00)"
     assert fidelity.small_cell([new, older], "test", 1) == "lenet 87.00 ± 1.00"  # not every run has it
-    assert new.by_round("test", "averaged:lenet") == [(1, 0.86)]  # by round: the rounds that evaluated it
+    # by round: the rounds that evaluated the model; a row that never did has no curve (and draws none)
+    by_round = fidelity.by_round_table(["koala", "label-free"], [0, 1], tmp_path, "test", 1, ["large", "averaged:lenet"])
+    assert by_round.splitlines()[0] == "| round | koala (large) | koala (averaged:lenet) | label-free (large) |"
+    assert by_round.splitlines()[2:] == ["| 0 | 50.00 | – | 50.00 |", "| 1 | 60.00 | 85.00 (84.00–86.00) | 60.00 |"]
+    with pytest.raises(SystemExit, match=r"no run of \['label-free'\].*evaluated \['averaged:lenet'\]"):
+        fidelity.by_round(["label-free"], [0], tmp_path, "test", 1, tmp_path / "plot.png", ["averaged:lenet"])
 
 
 def test_runs_are_refused_when_the_script_would_run_another_checkouts_package(fidelity, tmp_path) -> None:

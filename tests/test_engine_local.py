@@ -191,6 +191,11 @@ def test_the_best_accuracy_is_over_the_rounds_never_the_start() -> None:
     totals = {"totals": {}, "reductions-vs-fedavg-large": {}}
     summary = summarise(history, {}, 1.0, totals)
     assert summary["start"]["large"]["accuracy"] == 0.7825 and summary["best-accuracy"]["large"] == 0.4
+    # a model evaluated in some rounds only (KOALA's averaged one; the last round here was skipped): its best of those
+    for line, averaged in zip(history, [None, 0.5, None], strict=True):
+        if averaged is not None:
+            line["eval"]["averaged:lenet"] = {"accuracy": averaged}
+    assert summarise(history, {}, 1.0, totals)["best-accuracy"] == {"large": 0.4, "averaged:lenet": 0.5}
 
 
 def test_fedavg_large_is_homogeneous_whatever_small_models_its_config_lists(tmp_path: Path) -> None:

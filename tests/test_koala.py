@@ -119,6 +119,9 @@ def test_evaluation_reports_the_rounds_averaged_model_before_forward_distillatio
     other = experiment.split.client_pool  # another split: the averaged model is evaluated on the data asked for
     assert algorithm.evaluate(after, other)["averaged:lenet"] == evaluate_state("lenet", experiment.spec, averaged, other)
     assert "averaged:lenet" not in algorithm.evaluate(state)  # an earlier state: the round's averaged model is not its own
+    plain = _experiment("distill.forward.epochs=0")  # the averaged model is what the clients receive: reported once
+    after = plain.algorithm.server_round(plain.algorithm.initial_state(RoundMetrics()), updates, RoundMetrics())
+    assert set(plain.algorithm.evaluate(after)) == {"large", "small:lenet"}
 
 
 def test_koala_keeps_the_server_momentum_of_each_distillation_when_asked() -> None:

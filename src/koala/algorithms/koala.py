@@ -16,7 +16,8 @@ Homogeneous mode is the special case of a single small architecture. A round, on
 Evaluation reports, beside the large model and the small models the clients receive next round
 ("small:ARCH", after forward distillation), each architecture's averaged model of the round before
 forward distillation ("averaged:ARCH"): under `distill.teacher = "averaged"` the teacher the large
-model learned from this round, which the forward-distilled small model is not.
+model learned from this round, which the forward-distilled small model is not. A round that does not
+forward-distil (warm-up, FedDF, `forward-mix = 0`) sends the averaged models on, and reports them once.
 
 Names: the round's *teacher* is a function from images to soft targets; *targets* are what
 distillation learns from (fixed on the proxy set, or the teacher itself when batches are
@@ -116,7 +117,9 @@ class Koala(Algorithm):
         small = {**state.small, **{arch: group.state for arch, group in groups.items()}}
         if not groups:
             return ServerState(round_number, state.large, small, state.optimizers)
-        self._averaged = (round_number, {arch: group.state for arch, group in groups.items()})
+        if self.forward_distills(round_number) and self.config.distill.forward_mix > 0:
+            # the small models the clients receive will differ from the averaged ones: evaluate both
+            self._averaged = (round_number, {arch: group.state for arch, group in groups.items()})
         momentum = dict(state.optimizers)
         with metrics.timed("reverse-distill"):
             large_model, momentum[REVERSE] = self._reverse_distill(state, updates, groups, round_number, metrics)
@@ -139,7 +142,7 @@ class Koala(Algorithm):
 
     def evaluate(self, state: ServerState, data: ImageSplit | None = None) -> dict[str, dict[str, float]]:
         """The large and small models' metrics (`Algorithm.evaluate`) and, after a round that averaged
-        updates, each architecture's averaged model of that round as "averaged:ARCH"."""
+        updates and forward-distilled, each architecture's averaged model of that round as "averaged:ARCH"."""
         results = super().evaluate(state, data)
         averaged_round, averaged = self._averaged
         if averaged_round == state.round:

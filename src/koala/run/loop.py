@@ -126,8 +126,9 @@ def summarise(
     that only falls under its (pretrained) start reports its best round, not the start."""
     evaluated = [line for line in history if "eval" in line]
     rounds = [line for line in evaluated if line["round"] > 0] or evaluated
-    # a model evaluated only in some rounds (KOALA's "averaged:ARCH", after rounds that averaged updates) counts those
-    best = {model: max(line["eval"][model]["accuracy"] for line in rounds if model in line["eval"]) for model in evaluated[-1]["eval"]}
+    # a model evaluated only in some rounds (KOALA's "averaged:ARCH", after rounds that averaged and forward-distilled)
+    models = dict.fromkeys(model for line in rounds for model in line["eval"])
+    best = {model: max(line["eval"][model]["accuracy"] for line in rounds if model in line["eval"]) for model in models}
     guarded = [line for line in history if "reverse-guard" in line]
     undone = {"reverse-guard-undone": [line["round"] for line in guarded if not line["reverse-guard"]["kept"]]}
     validation = {}
