@@ -221,15 +221,18 @@ class Algorithm(ABC):
 
     # -- evaluation -----------------------------------------------------------------------------
     def evaluate(self, state: ServerState, data: ImageSplit | None = None) -> dict[str, dict[str, float]]:
-        """Metrics of the large model (as "large") and of each small model (as "small:ARCH") on
-        `data`, by default the test split."""
-        results = {}
+        """Metrics of the large model (as "large"), of each small model (as "small:ARCH") and of the
+        method's `round_models` on `data`, by default the test split."""
         data = self.server_data.test if data is None else data
-        if state.large is not None:
-            results["large"] = evaluate_state(self.config.models.large, self.spec, state.large, data)
-        for arch, weights in state.small.items():
-            results[f"small:{arch}"] = evaluate_state(arch, self.spec, weights, data)
-        return results
+        models = {"large": (self.config.models.large, state.large)} if state.large is not None else {}
+        models |= {f"small:{arch}": (arch, weights) for arch, weights in state.small.items()}
+        models |= self.round_models(state)
+        return {name: evaluate_state(arch, self.spec, weights, data) for name, (arch, weights) in models.items()}
+
+    def round_models(self, state: ServerState) -> dict[str, tuple[str, StateDict]]:
+        """Models of the round that produced `state`, beside its large and small ones, to evaluate
+        too, by name: (architecture, weights). None by default."""
+        return {}
 
     # -- shared building blocks -----------------------------------------------------------------
     def initial_large_state(self, metrics: RoundMetrics) -> StateDict:

@@ -34,7 +34,6 @@ import torch
 from koala.aggregate import GroupAggregate, fedavg
 from koala.algorithms.base import Algorithm, RoundMetrics
 from koala.config import DistillOptimizerConfig
-from koala.data.dataset import ImageSplit
 from koala.distill import (
     Distillation,
     anchored_targets,
@@ -51,7 +50,7 @@ from koala.training import (
     predict_logits,
     train_distill,
 )
-from koala.weights import evaluate_state, instantiate, module_state
+from koala.weights import instantiate, module_state
 
 REVERSE = "reverse"
 """The optimiser role of reverse distillation; forward distillation's are "forward:ARCH"."""
@@ -140,15 +139,11 @@ class Koala(Algorithm):
         kept = momentum if self.config.distill.keep_optimizer_state else {}
         return ServerState(round_number, module_state(large_model), small, kept)
 
-    def evaluate(self, state: ServerState, data: ImageSplit | None = None) -> dict[str, dict[str, float]]:
-        """The large and small models' metrics (`Algorithm.evaluate`) and, after a round that averaged
-        updates and forward-distilled, each architecture's averaged model of that round as "averaged:ARCH"."""
-        results = super().evaluate(state, data)
+    def round_models(self, state: ServerState) -> dict[str, tuple[str, StateDict]]:
+        """After a round that averaged updates and forward-distilled, each architecture's averaged
+        model of that round, as "averaged:ARCH"."""
         averaged_round, averaged = self._averaged
-        if averaged_round == state.round:
-            data = self.server_data.test if data is None else data
-            results.update({f"averaged:{arch}": evaluate_state(arch, self.spec, weights, data) for arch, weights in averaged.items()})
-        return results
+        return {f"averaged:{arch}": (arch, weights) for arch, weights in averaged.items()} if averaged_round == state.round else {}
 
     # -- reverse distillation: the small models teach the large one -------------------------------
     def round_teacher(self, updates: Sequence[ClientUpdate], groups: dict[str, GroupAggregate], metrics: RoundMetrics) -> TargetFunction:
