@@ -2,85 +2,133 @@
 by the size of the transfer set (issue 15: the large model ends under its own small teachers).
 
 A finished KOALA run gives the setting (its data split, pretrained start, distillation loss and
-optimiser) and the teacher: its final small model, the one its clients would receive next. The
-large model starts again from the run's pretrained start and is distilled from that one teacher,
-without rounds, for `--epochs` epochs on the first N proxy images (the labelled ones among them keep
-their CE term, as in the run). Where it levels off on the validation split is what distillation
-from this teacher can give through N transfer images. Each epoch of the second half also enters an
-equal-weight average of the large model's weights (torch's AveragedModel, BatchNorm buffers
-included): whether averaging weights lifts the ceiling. `--mixed K` adds K unlabelled images that
-each mix two of the N proxy images (weights drawn uniformly, seeded, once), labelled by the teacher:
-whether interpolated transfer points lift it. Validation split only: this is a diagnosis, not a
-table of results.
+optimiser) and its last state. One more round is played from that state (the local engine): its
+averaged small model is the teacher, the model the large one learns from in a round. (Not the
+checkpoint's small model: forward distillation has just fitted that one to the large model on the
+proxy set, so on the transfer set it mostly repeats the large model.) The large model then starts
+again from the run's pretrained start and is distilled from that one teacher, without rounds, for
+`--epochs` epochs on the first N proxy images (the labelled ones among them keep their CE term, as
+in the run). Its validation accuracy over the last epochs is what distillation from this teacher
+gives through N transfer images in that many epochs (a smaller N also means fewer steps); the
+table says where the curve still rises. Each epoch of the second half also enters an equal-weight
+average of the large model's weights (torch's AveragedModel, BatchNorm buffers included):
+whether averaging weights lifts it. `--mixed K` adds K unlabelled images that each mix two of the
+N proxy images (weights drawn uniformly, seeded, once), labelled by the teacher. Validation split
+only: this is a diagnosis, not a table of results.
 
-    python benchmarks/distill_ceiling.py --run OUT/RUN --sizes 1500 3000 6000 --epochs 15 [--mixed 6000]
+    python benchmarks/distill_ceiling.py --run OUT/RUN --sizes 3000 6000 --epochs 15 [--mixed 6000]
 """
 
 from __future__ import annotations
 
 import argparse
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch.optim.swa_utils import AveragedModel
 
 from koala.algorithms.base import RoundMetrics
-from koala.config import config_to_toml
+from koala.config import ExperimentConfig, config_to_toml
+from koala.engine.local import local_dispatch
 from koala.run.checkpoint import load_checkpoint
-from koala.run.experiment import prepare_experiment
+from koala.run.experiment import Experiment, prepare_experiment
+from koala.run.loop import play_round
 from koala.run.run_dir import read_run_config
 from koala.seeding import derive_seed
+from koala.state import ServerState
 from koala.training import evaluate, predict_logits, train_distill
 from koala.weights import instantiate
+
+LAST_EPOCHS = 3
+"""The ceiling is read as the mean validation accuracy of the last this many epochs."""
+
+
+def check_reproducible(config: ExperimentConfig) -> None:
+    """Refuse a run whose reverse distillation this probe would not repeat: one averaged teacher of one
+    architecture, the KD loss with the optional CE term, nothing else."""
+    distill = config.distill
+    levers = {"algorithm": config.algorithm != "koala", "models.small": len(config.models.small) != 1,
+              "distill.teacher": distill.teacher != "averaged", "distill.reverse-kd-scaling": distill.reverse_kd_scaling != "none",
+              "distill.reverse-selection": distill.reverse_selection != "none",
+              "distill.reverse-self-weight": distill.reverse_self_weight > 0,
+              "distill.reverse-guard-size": distill.reverse_guard_size > 0, "distill.reverse.flip": distill.reverse.augments}
+    if unsupported := [key for key, used in levers.items() if used]:
+        raise SystemExit(f"distill_ceiling.py repeats a KOALA run with one small architecture, the averaged teacher and the "
+                         f"KD + CE loss only; this run sets {', '.join(unsupported)}")
 
 
 def mixed_images(images: torch.Tensor, count: int, seed: int) -> torch.Tensor:
     """`count` images, each a convex mix of two of `images` with a uniform weight (seeded)."""
     generator = torch.Generator().manual_seed(seed)
     first, second = (torch.randint(len(images), (count,), generator=generator) for _ in range(2))
-    weight = torch.rand(count, *([1] * (images.dim() - 1)), generator=generator)
-    return weight * images[first] + (1 - weight) * images[second]
+    weight = torch.rand(count, *([1] * (images.dim() - 1)), generator=generator).to(images.device)
+    return weight * images[first.to(images.device)] + (1 - weight) * images[second.to(images.device)]
 
 
-def ceiling(run: Path, size: int, epochs: int, mixed: int) -> dict[str, float | list[float]]:
-    """The large model distilled `epochs` epochs from `run`'s final small model on the first `size`
-    proxy images (plus `mixed` mixed ones): validation accuracy after each epoch, of the weights'
-    average over the second half, of the teacher and of the start."""
+def next_round(experiment: Experiment, state: ServerState) -> tuple[torch.nn.Module, ServerState]:
+    """One round after `state` on the local engine: that round's averaged small model (the teacher its
+    reverse distillation learned from), and the state after the round."""
+    algorithm = experiment.algorithm
+    after, _ = play_round(experiment, local_dispatch(algorithm, experiment.split), state)
+    (arch, weights), = algorithm.round_models(after).values()
+    return instantiate(arch, algorithm.spec, weights, algorithm.device), after
+
+
+def agreement(first: torch.nn.Module, second: torch.nn.Module, images: torch.Tensor) -> float:
+    """The share of `images` on which the two models predict the same class."""
+    return float((predict_logits(first, images).argmax(1) == predict_logits(second, images).argmax(1)).float().mean())
+
+
+def ceiling(run: Path, sizes: list[int], epochs: int, mixed: int) -> list[dict[str, Any]]:
+    """For each size N: the large model distilled `epochs` epochs from the averaged teacher of the round
+    after `run`'s last, on the first N proxy images (plus `mixed` mixed ones), on the validation split:
+    after each epoch, and the weights' average over the second half; with the teacher, the start, the
+    large model after that round and the teacher's agreement with the large model it taught."""
     config = read_run_config(run)
+    check_reproducible(config)
     torch.set_num_threads(config.threads)
-    algorithm = prepare_experiment(config).algorithm
+    experiment = prepare_experiment(config)
+    algorithm = experiment.algorithm
     data, device = algorithm.server_data, algorithm.device
     validation = data.validation
     if validation is None:
         raise SystemExit(f"{run} has no validation split (data.validation-size = 0): the ceiling is read on it")
-    (arch, weights), = load_checkpoint(run, config_to_toml(config), device).state.small.items()
-    teacher = instantiate(arch, algorithm.spec, weights, device)
-    student = instantiate(config.models.large, algorithm.spec, algorithm.initial_large_state(RoundMetrics()), device)
-    start_accuracy = evaluate(student, validation)["accuracy"]
-
-    inputs = data.proxy_images[:size]
-    labels = torch.full((size,), -1, dtype=torch.long, device=device)
-    if data.labelled is not None:
-        known = min(size, len(data.labelled))
-        labels[:known] = data.labelled.labels[:known]
-    if mixed:
-        inputs = torch.cat([inputs, mixed_images(inputs, mixed, derive_seed(config.seed, "ceiling-mixed", size))])
-        labels = torch.cat([labels, torch.full((mixed,), -1, dtype=torch.long, device=device)])
-    targets = algorithm.kd.soft_targets(predict_logits(teacher, inputs))
-
-    reverse = config.distill.reverse.model_copy(update={"epochs": 1})
-    average = AveragedModel(student, use_buffers=True)
-    momentum, by_epoch = None, []
-    for epoch in range(1, epochs + 1):
-        outcome = train_distill(student, inputs, targets, algorithm.kd, reverse, derive_seed(config.seed, "ceiling", size, epoch),
-                                labels=labels, ce_weight=config.distill.reverse_ce_weight, momentum=momentum)
-        momentum = outcome.momentum
-        by_epoch.append(evaluate(student, validation)["accuracy"])
-        if epoch > epochs // 2:
-            average.update_parameters(student)
-        print(f"size {size} (+{mixed} mixed), epoch {epoch}: {100 * by_epoch[-1]:.2f}", flush=True)
-    return {"teacher": evaluate(teacher, validation)["accuracy"], "start": start_accuracy,
-            "by-epoch": by_epoch, "average": evaluate(average.module, validation)["accuracy"]}
+    state = load_checkpoint(run, config_to_toml(config), device).state
+    teacher, after = next_round(experiment, state)
+    taught = instantiate(config.models.large, algorithm.spec, state.large, device)
+    large_after = instantiate(config.models.large, algorithm.spec, after.large, device)
+    start = algorithm.initial_large_state(RoundMetrics())
+    common = {"round": after.round, "teacher": evaluate(teacher, validation)["accuracy"],
+              "run": evaluate(large_after, validation)["accuracy"],
+              "start": evaluate(instantiate(config.models.large, algorithm.spec, start, device), validation)["accuracy"],
+              "agreement": agreement(teacher, taught, data.proxy_images[:max(sizes)])}
+    results = []
+    for size in sizes:
+        student = instantiate(config.models.large, algorithm.spec, start, device)
+        inputs = data.proxy_images[:size]
+        labels = torch.full((size,), -1, dtype=torch.long, device=device)
+        if data.labelled is not None:
+            known = min(size, len(data.labelled))
+            labels[:known] = data.labelled.labels[:known]
+        if mixed:
+            inputs = torch.cat([inputs, mixed_images(inputs, mixed, derive_seed(config.seed, "ceiling-mixed", size))])
+            labels = torch.cat([labels, torch.full((mixed,), -1, dtype=torch.long, device=device)])
+        targets = algorithm.kd.soft_targets(predict_logits(teacher, inputs))
+        reverse = config.distill.reverse.model_copy(update={"epochs": 1})
+        average = AveragedModel(student, use_buffers=True)
+        momentum, by_epoch = None, []
+        for epoch in range(1, epochs + 1):
+            outcome = train_distill(student, inputs, targets, algorithm.kd, reverse,
+                                    derive_seed(config.seed, "ceiling", size, epoch), labels=labels,
+                                    ce_weight=config.distill.reverse_ce_weight, momentum=momentum)
+            momentum = outcome.momentum
+            by_epoch.append(evaluate(student, validation)["accuracy"])
+            if epoch > epochs // 2:
+                average.update_parameters(student)
+            print(f"size {size} (+{mixed} mixed), epoch {epoch}: {100 * by_epoch[-1]:.2f}", flush=True)
+        results.append({**common, "size": size, "by-epoch": by_epoch, "average": evaluate(average.module, validation)["accuracy"]})
+    return results
 
 
 def main() -> None:
@@ -90,14 +138,17 @@ def main() -> None:
     parser.add_argument("--epochs", type=int, default=15)
     parser.add_argument("--mixed", type=int, default=0, help="mixed images added to the transfer set")
     args = parser.parse_args()
-    rows = ["| proxy images | mixed | teacher | start | best epoch | last epoch | average of the second half |",
-            "|---:|---:|---|---|---|---|---|"]
-    for size in args.sizes:
-        result = ceiling(args.run, size, args.epochs, args.mixed)
+    rows = ["| proxy images | mixed | round | teacher | its agreement with the large model it taught, on the transfer set | "
+            "start | mean of the last 3 epochs | best epoch | average of the second half | the run's large model after the round |",
+            "|---:|---:|---:|---|---|---|---|---|---|---|"]
+    for result in ceiling(args.run, args.sizes, args.epochs, args.mixed):
         curve = result["by-epoch"]
         best = max(range(len(curve)), key=curve.__getitem__)
-        rows.append(f"| {size} | {args.mixed} | {100 * result['teacher']:.2f} | {100 * result['start']:.2f} | "
-                    f"{100 * curve[best]:.2f} (epoch {best + 1}) | {100 * curve[-1]:.2f} | {100 * result['average']:.2f} |")
+        rising = " (still rising)" if best >= len(curve) - LAST_EPOCHS else ""
+        rows.append(f"| {result['size']} | {args.mixed} | {result['round']} | {100 * result['teacher']:.2f} | "
+                    f"{100 * result['agreement']:.2f} | {100 * result['start']:.2f} | "
+                    f"{100 * sum(curve[-LAST_EPOCHS:]) / len(curve[-LAST_EPOCHS:]):.2f}{rising} | "
+                    f"{100 * curve[best]:.2f} (epoch {best + 1}) | {100 * result['average']:.2f} | {100 * result['run']:.2f} |")
     print("\n".join(rows))
 
 
