@@ -84,7 +84,8 @@ def ceiling(run: Path, sizes: list[int], epochs: int, mixed: int) -> list[dict[s
     """For each size N: the large model distilled `epochs` epochs from the averaged teacher of the round
     after `run`'s last, on the first N proxy images (plus `mixed` mixed ones), on the validation split:
     after each epoch, and the weights' average over the second half; with the teacher, the start, the
-    large model after that round and the teacher's agreement with the large model it taught."""
+    large model after that round and the teacher's agreement with the large model it taught, on the
+    transfer set and on the validation split."""
     config = read_run_config(run)
     check_reproducible(config)
     torch.set_num_threads(config.threads)
@@ -102,7 +103,8 @@ def ceiling(run: Path, sizes: list[int], epochs: int, mixed: int) -> list[dict[s
     common = {"round": after.round, "teacher": evaluate(teacher, validation)["accuracy"],
               "run": evaluate(large_after, validation)["accuracy"],
               "start": evaluate(instantiate(config.models.large, algorithm.spec, start, device), validation)["accuracy"],
-              "agreement": agreement(teacher, taught, data.proxy_images[:max(sizes)])}
+              "agreement": agreement(teacher, taught, data.proxy_images[:max(sizes)]),
+              "agreement-validation": agreement(teacher, taught, validation.images)}
     results = []
     for size in sizes:
         student = instantiate(config.models.large, algorithm.spec, start, device)
@@ -138,7 +140,7 @@ def main() -> None:
     parser.add_argument("--epochs", type=int, default=15)
     parser.add_argument("--mixed", type=int, default=0, help="mixed images added to the transfer set")
     args = parser.parse_args()
-    rows = ["| proxy images | mixed | round | teacher | its agreement with the large model it taught, on the transfer set | "
+    rows = ["| proxy images | mixed | round | teacher | its agreement with the large model it taught: transfer set, validation | "
             "start | mean of the last 3 epochs | best epoch | average of the second half | the run's large model after the round |",
             "|---:|---:|---:|---|---|---|---|---|---|---|"]
     for result in ceiling(args.run, args.sizes, args.epochs, args.mixed):
@@ -146,7 +148,7 @@ def main() -> None:
         best = max(range(len(curve)), key=curve.__getitem__)
         rising = " (still rising)" if best >= len(curve) - LAST_EPOCHS else ""
         rows.append(f"| {result['size']} | {args.mixed} | {result['round']} | {100 * result['teacher']:.2f} | "
-                    f"{100 * result['agreement']:.2f} | {100 * result['start']:.2f} | "
+                    f"{100 * result['agreement']:.2f}, {100 * result['agreement-validation']:.2f} | {100 * result['start']:.2f} | "
                     f"{100 * sum(curve[-LAST_EPOCHS:]) / len(curve[-LAST_EPOCHS:]):.2f}{rising} | "
                     f"{100 * curve[best]:.2f} (epoch {best + 1}) | {100 * result['average']:.2f} | {100 * result['run']:.2f} |")
     print("\n".join(rows))
