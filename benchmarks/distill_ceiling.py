@@ -30,6 +30,7 @@ from torch.optim.swa_utils import AveragedModel
 
 from koala.algorithms.base import RoundMetrics
 from koala.config import ExperimentConfig, config_to_toml
+from koala.data.dataset import ImageSplit
 from koala.engine.local import local_dispatch
 from koala.run.checkpoint import load_checkpoint
 from koala.run.experiment import Experiment, prepare_experiment
@@ -76,8 +77,9 @@ def next_round(experiment: Experiment, state: ServerState) -> tuple[torch.nn.Mod
 
 
 def agreement(first: torch.nn.Module, second: torch.nn.Module, images: torch.Tensor) -> float:
-    """The share of `images` on which the two models predict the same class."""
-    return float((predict_logits(first, images).argmax(1) == predict_logits(second, images).argmax(1)).float().mean())
+    """The share of `images` on which the two models predict the same class: `first`'s accuracy
+    against `second`'s predictions."""
+    return evaluate(first, ImageSplit(images, predict_logits(second, images).argmax(1)))["accuracy"]
 
 
 def ceiling(run: Path, sizes: list[int], epochs: int, mixed: int) -> list[dict[str, Any]]:
@@ -105,17 +107,16 @@ def ceiling(run: Path, sizes: list[int], epochs: int, mixed: int) -> list[dict[s
               "start": evaluate(instantiate(config.models.large, algorithm.spec, start, device), validation)["accuracy"],
               "agreement": agreement(teacher, taught, data.proxy_images[:max(sizes)]),
               "agreement-validation": agreement(teacher, taught, validation.images)}
+    proxy_labels = algorithm._proxy_labels()  # the run's own CE labels: -1 where the server has none
     results = []
     for size in sizes:
         student = instantiate(config.models.large, algorithm.spec, start, device)
         inputs = data.proxy_images[:size]
-        labels = torch.full((size,), -1, dtype=torch.long, device=device)
-        if data.labelled is not None:
-            known = min(size, len(data.labelled))
-            labels[:known] = data.labelled.labels[:known]
+        labels = None if proxy_labels is None else proxy_labels[:size]
         if mixed:
             inputs = torch.cat([inputs, mixed_images(inputs, mixed, derive_seed(config.seed, "ceiling-mixed", size))])
-            labels = torch.cat([labels, torch.full((mixed,), -1, dtype=torch.long, device=device)])
+            if labels is not None:
+                labels = torch.cat([labels, torch.full((mixed,), -1, dtype=torch.long, device=device)])
         targets = algorithm.kd.soft_targets(predict_logits(teacher, inputs))
         reverse = config.distill.reverse.model_copy(update={"epochs": 1})
         average = AveragedModel(student, use_buffers=True)
