@@ -53,7 +53,8 @@ def check_reproducible(config: ExperimentConfig) -> None:
               "distill.teacher": distill.teacher != "averaged", "distill.reverse-kd-scaling": distill.reverse_kd_scaling != "none",
               "distill.reverse-selection": distill.reverse_selection != "none",
               "distill.reverse-self-weight": distill.reverse_self_weight > 0,
-              "distill.reverse-guard-size": distill.reverse_guard_size > 0, "distill.reverse.flip": distill.reverse.augments}
+              "distill.reverse-guard-size": distill.reverse_guard_size > 0, "distill.reverse.flip": distill.reverse.augments,
+              "distill.proxy-split": distill.proxy_split != "shared"}
     if unsupported := [key for key, used in levers.items() if used]:
         raise SystemExit(f"distill_ceiling.py repeats a KOALA run with one small architecture, the averaged teacher and the "
                          f"KD + CE loss only; this run sets {', '.join(unsupported)}")
@@ -107,7 +108,7 @@ def ceiling(run: Path, sizes: list[int], epochs: int, mixed: int) -> list[dict[s
               "start": evaluate(instantiate(config.models.large, algorithm.spec, start, device), validation)["accuracy"],
               "agreement": agreement(teacher, taught, data.proxy_images[:max(sizes)]),
               "agreement-validation": agreement(teacher, taught, validation.images)}
-    proxy_labels = algorithm._proxy_labels()  # the run's own CE labels: -1 where the server has none
+    proxy_labels = algorithm.proxy_labels()  # the run's own CE labels: -1 where the server has none
     results = []
     for size in sizes:
         student = instantiate(config.models.large, algorithm.spec, start, device)

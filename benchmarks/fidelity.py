@@ -182,6 +182,10 @@ ROWS: dict[str, Row] = {
     # and with twice its proxy set (the clients on the 43,000 images left): in the map 12,000 proxy images
     # brought the large model nearest its teachers
     f"{SHIPPED} proxy=12000": _koala(*SHIPPED_LEVERS, "data.proxy-size=12000", group="proxy"),
+    # reverse and forward distillation on different proxy images (distill.proxy-split), so the teachers do not
+    # hand the large model back the answers forward distillation just fitted them to (RESULTS, "Why it stays under them")
+    **{f"{SHIPPED} +{split}": _koala(*SHIPPED_LEVERS, f"distill.proxy-split='{split}'", group="proxy-split")
+       for split in ("disjoint", "alternating")},
     # is the shipped recipe still climbing at round 20? (its 20-round runs, continued)
     f"{SHIPPED} rounds=40": _koala(*SHIPPED_LEVERS, group="rounds", rounds=40, continues=SHIPPED),
     # and the baseline it is held against, at the same 40 rounds

@@ -121,6 +121,18 @@ CASES: dict[str, Case] = {
         [str(BASE), *_set("distill.reverse-guard-tolerance=0.02")],
         "distill.reverse-guard-tolerance = 0.02 is the guard's tolerance, but distill.reverse-guard-size = 0 turns "
         "the guard off"),
+    "a proxy split without forward distillation": (
+        [str(BASE), *_set("algorithm='feddf'", "distill.proxy-split='disjoint'")],
+        "distill.proxy-split = 'disjoint' divides the proxy images between reverse and forward distillation, but "
+        "algorithm = 'feddf' has no forward distillation: set distill.proxy-split = 'shared'"),
+    "a proxy split with forward distillation off": (
+        [str(BASE), *_set("distill.proxy-split='alternating'", "distill.forward.epochs=0")],
+        "distill.proxy-split = 'alternating' divides the proxy images between reverse and forward distillation, but "
+        "distill.forward.epochs = 0 turns forward distillation off"),
+    "a proxy split of too few unlabelled images": (
+        [str(BASE), *DIGITS, *_set("distill.proxy-split='disjoint'", "data.proxy-labelled=143")],
+        "distill.proxy-split = 'disjoint' cuts the unlabelled proxy images into two halves, but only 1 of the 144 "
+        "proxy images are unlabelled"),
     "min-replies above the sample": ([str(BASE), *_set("client.min-replies=20")],
                                      "client.min-replies = 20 but a round samples only 10 client(s)"),
     "vectorised training of a model with dropout": (

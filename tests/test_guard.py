@@ -31,7 +31,7 @@ def test_the_guard_images_are_the_labelled_sets_tail_and_leave_pretraining_and_c
     torch.testing.assert_close(server.labelled.images, split.proxy_images[:200])
     torch.testing.assert_close(server.guard.images, split.proxy_images[200:300])
     torch.testing.assert_close(server.guard.labels, split.labelled_server.labels[200:])
-    labels = experiment.algorithm._proxy_labels()
+    labels = experiment.algorithm.proxy_labels()
     assert (labels[:200] >= 0).all() and (labels[200:] == -1).all()  # no cross-entropy on the guard
     # off, the labelled set is whole and there is no guard
     plain = prepare_experiment(load_config(BASE, PRETRAINED)).algorithm.server_data

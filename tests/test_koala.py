@@ -1,6 +1,6 @@
 """The KOALA round on the server: its teachers (each architecture's averaged model or its clients'
 ensemble), the labelled server set and teacher-quality scaling that keep a pretrained start, the
-forward mix, and the server momentum carried across rounds."""
+forward mix, the server momentum carried across rounds, and the proxy images each distillation uses."""
 
 from pathlib import Path
 
@@ -10,11 +10,13 @@ from helpers import BASE, DIGITS_KOALA, round_one_updates
 
 from koala.aggregate import aggregate_by_architecture
 from koala.algorithms import RoundMetrics
+from koala.algorithms.koala import distillation_sets
 from koala.config import load_config
 from koala.distill import soft_targets
+from koala.errors import ConfigError
 from koala.run.experiment import Experiment, prepare_experiment
 from koala.run.launch import run_local
-from koala.training import predict_logits
+from koala.training import predict_logits, samples_per_epoch
 from koala.weights import evaluate_state, instantiate
 
 DIGITS = [*DIGITS_KOALA, "rounds=3", "client.epochs=3", "distill.temperature=1.0", "distill.reverse.epochs=5"]
@@ -150,3 +152,73 @@ def test_forward_distillation_can_stop_early_and_its_checks_are_counted() -> Non
     # the averaged MobileNetV3 teaches the large model on the proxy set once; the forward student is
     # checked on the held-out slice at the start and after every epoch it ran
     assert metrics.work[("mobilenetv3-small", "inference")] == proxy + (epochs_run + 1) * held
+
+
+def test_a_split_proxy_set_gives_each_distillation_its_own_images() -> None:
+    assert distillation_sets("shared", 20, 4, 1) is None  # both distillations on every image: the path as before
+    labelled, first, second = set(range(4)), set(range(4, 12)), set(range(12, 20))
+    for round_number in range(4):
+        reverse, forward = distillation_sets("disjoint", 20, 4, round_number)
+        assert (set(reverse.tolist()), set(forward.tolist())) == (labelled | first, second)
+    halves = [first, second]
+    for round_number in range(4):  # round 0 is the initial forward distillation
+        reverse, forward = distillation_sets("alternating", 20, 4, round_number)
+        assert (set(reverse.tolist()), set(forward.tolist())) == (labelled | halves[round_number % 2], halves[round_number % 2])
+        next_reverse, _ = distillation_sets("alternating", 20, 4, round_number + 1)
+        assert not set(next_reverse.tolist()) & set(forward.tolist())  # the next teachers meet unseen images
+    with pytest.raises(ConfigError, match="only 1 of the 5 proxy images are unlabelled"):
+        distillation_sets("disjoint", 5, 4, 1)
+
+
+def _round_after_overwriting(split: str, proxy_indices: list[int], updates: list) -> tuple[dict, dict]:
+    """Round 1's large and small model when the proxy images at `proxy_indices` are replaced by noise;
+    the round's training passes are checked against the sizes of its two image sets."""
+    experiment = _experiment(f"distill.proxy-split='{split}'", "data.proxy-labelled=40", "distill.reverse-ce-weight=1.0")
+    proxy = experiment.algorithm.server_data.proxy_images
+    proxy[proxy_indices] = torch.rand(len(proxy_indices), *proxy.shape[1:], generator=torch.Generator().manual_seed(0))
+    metrics = RoundMetrics()
+    after = experiment.algorithm.server_round(experiment.algorithm.initial_state(RoundMetrics()), updates, metrics)
+    reverse, forward = distillation_sets(split, len(proxy), 40, 1) or (proxy, proxy)
+    distill = experiment.config.distill
+    passes = [settings.epochs * samples_per_epoch(len(images), settings.batch_size)
+              for images, settings in ((reverse, distill.reverse), (forward, distill.forward))]
+    assert metrics.work[("lenet", "train")] == sum(passes)  # the large model is a LeNet too: one count for both
+    return after.large, after.small["lenet"]
+
+
+@pytest.mark.parametrize("split", ["disjoint", "alternating"])
+def test_each_distillation_of_a_split_round_learns_only_from_its_own_images(split: str) -> None:
+    """Replacing the proxy images round 1's reverse distillation does not use leaves its large model as
+    it was (and its small one too, unless forward distillation uses them: "disjoint"); replacing the
+    unlabelled images it uses moves the large model; with a shared proxy set every image moves it."""
+    updates = round_one_updates(_experiment())
+    size = len(_experiment().split.proxy_images)
+    reverse, forward = (set(indices.tolist()) for indices in distillation_sets(split, size, 40, 1))
+    not_reverse = sorted(set(range(size)) - reverse)
+    large, small = _round_after_overwriting(split, [], updates)
+    large_other_changed, small_other_changed = _round_after_overwriting(split, not_reverse, updates)
+    large_reverse_changed, _ = _round_after_overwriting(split, sorted(reverse - set(range(40))), updates)
+    assert all(torch.equal(large[name], large_other_changed[name]) for name in large)
+    forward_moved = not torch.equal(small["features.0.weight"], small_other_changed["features.0.weight"])
+    assert forward_moved == (split == "disjoint") == bool(forward & set(not_reverse))
+    assert not torch.equal(large["features.0.weight"], large_reverse_changed["features.0.weight"])
+    shared_large, _ = _round_after_overwriting("shared", [], updates)
+    shared_large_changed, _ = _round_after_overwriting("shared", not_reverse, updates)
+    assert not torch.equal(shared_large["features.0.weight"], shared_large_changed["features.0.weight"])
+
+
+def test_alternating_halves_start_the_clients_on_the_half_round_1_does_not_reverse_distil() -> None:
+    """The initial forward distillation (round 0) uses half 0 only: replacing half 1 leaves the
+    clients' first models as they were, replacing half 0 moves them."""
+    pretrained = ["distill.proxy-split='alternating'", "data.proxy-labelled=40", "large-init.kind='pretrain'",
+                  "large-init.pretrain.epochs=2", "distill.initial-forward-epochs=2"]
+    size = len(_experiment().split.proxy_images)
+    _, half_0 = distillation_sets("alternating", size, 40, 0)
+    _, half_1 = distillation_sets("alternating", size, 40, 1)
+    first_models = []
+    for replaced in ([], half_1.tolist(), half_0.tolist()):
+        experiment = _experiment(*pretrained)
+        proxy = experiment.algorithm.server_data.proxy_images
+        proxy[replaced] = torch.rand(len(replaced), *proxy.shape[1:], generator=torch.Generator().manual_seed(0))
+        first_models.append(experiment.algorithm.initial_state(RoundMetrics()).small["lenet"]["features.0.weight"])
+    assert torch.equal(first_models[0], first_models[1]) and not torch.equal(first_models[0], first_models[2])

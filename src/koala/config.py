@@ -253,6 +253,15 @@ class DistillConfig(_Section):
         description="before round 1, distil the starting large model into every small model for this many epochs "
         "(forward settings otherwise), so that the clients' first models carry its knowledge (0 = off)",
     )
+    proxy_split: Literal["shared", "disjoint", "alternating"] = Field(
+        "shared",
+        description="which proxy images each distillation uses (koala). shared: both use all of them. The others "
+        "cut the unlabelled proxy images into two halves; the labelled ones are always reverse distillation's "
+        "(cross-entropy keeps every label) and never forward's. disjoint: reverse on the labelled images and the "
+        "first half, forward on the second, every round. alternating: round r's forward distillation on half r "
+        "mod 2 (the initial one on half 0), its reverse on the labelled images and the same half; either way the "
+        "clients' models teach the large one on images they were not last fitted to it on",
+    )
 
 
 class DeviceClassConfig(_Section):
@@ -356,6 +365,8 @@ class ExperimentConfig(_Section):
                 "large-init.kind = 'random' starts it untrained: set large-init.kind to 'pretrain' or 'file', "
                 "or distill.initial-forward-epochs = 0"
             )
+        if self.distill.proxy_split != "shared":
+            _check_proxy_split(self)
         if self.devices:
             _check_device_classes(self)
         if self.privacy.enabled:
@@ -386,6 +397,17 @@ def _check_guard(config: ExperimentConfig) -> None:
             f"distill.reverse-guard-size = {guard} holds out that many labelled server images, but "
             f"data.proxy-labelled = {labelled}: lower distill.reverse-guard-size or raise data.proxy-labelled{rest}"
         )
+
+
+def _check_proxy_split(config: ExperimentConfig) -> None:
+    """distill.proxy-split divides the proxy set between the two distillations: both must run."""
+    split = f"distill.proxy-split = '{config.distill.proxy_split}' divides the proxy images between reverse and forward distillation"
+    if config.algorithm != "koala":
+        raise ValueError(f"{split}, but algorithm = '{config.algorithm}' has no forward distillation: "
+                         "set distill.proxy-split = 'shared'")
+    if config.distill.forward.epochs == 0:
+        raise ValueError(f"{split}, but distill.forward.epochs = 0 turns forward distillation off: "
+                         "set distill.proxy-split = 'shared' or distill.forward.epochs > 0")
 
 
 def _check_device_classes(config: ExperimentConfig) -> None:

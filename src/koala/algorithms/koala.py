@@ -13,6 +13,11 @@ Homogeneous mode is the special case of a single small architecture. A round, on
 3. forward distillation: the large model's softened outputs are distilled into every small model,
    which the clients receive next round.
 
+Both distillations use every proxy image unless `distill.proxy-split` divides them
+(`distillation_sets`): forward distillation fits the clients' next models to the large model on its
+images, so reverse distillation on the same images next round mostly hands the large model its own
+answers back (benchmarks/RESULTS.md, "Why it stays under them").
+
 Evaluation reports, beside the large model and the small models the clients receive next round
 ("small:ARCH", after forward distillation), each architecture's averaged model of the round before
 forward distillation ("averaged:ARCH"): under `distill.teacher = "averaged"` the teacher the large
@@ -40,6 +45,7 @@ from koala.distill import (
     fusion_rule,
     teacher_quality_weight,
 )
+from koala.errors import ConfigError
 from koala.seeding import derive_seed
 from koala.state import ClientUpdate, ServerState, StateDict
 from koala.training import (
@@ -54,6 +60,25 @@ from koala.weights import instantiate, module_state
 
 REVERSE = "reverse"
 """The optimiser role of reverse distillation; forward distillation's are "forward:ARCH"."""
+
+
+def distillation_sets(split: str, size: int, labelled: int, round_number: int) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """The indices of the proxy images that round `round_number`'s reverse and forward distillation
+    use under `distill.proxy-split` `split` (round 0: the initial forward distillation), of `size`
+    proxy images whose first `labelled` are the labelled server set; None when both use every image
+    ("shared"). The unlabelled images are cut into two halves; the labelled ones are always reverse's.
+    "disjoint": reverse on the labelled images and the first half, forward on the second, every round.
+    "alternating": forward on half `round_number` mod 2, reverse on the labelled images and that half,
+    so each round's reverse images are not the ones its teachers were last forward-distilled on."""
+    if split == "shared":
+        return None
+    if size - labelled < 2:
+        raise ConfigError(f"distill.proxy-split = '{split}' cuts the unlabelled proxy images into two halves, but "
+                          f"only {size - labelled} of the {size} proxy images are unlabelled: raise the proxy set's "
+                          "size, lower data.proxy-labelled, or set distill.proxy-split = 'shared'")
+    halves = torch.arange(labelled, size).chunk(2)
+    reverse_half, forward_half = halves if split == "disjoint" else (halves[round_number % 2],) * 2
+    return torch.cat([torch.arange(labelled), reverse_half]), forward_half
 
 
 def guard_keeps(accuracy_before: float, accuracy_after: float, size: int, tolerance: float) -> bool:
@@ -76,6 +101,8 @@ class Koala(Algorithm):
         self.kd = Distillation(self.config.distill.temperature)
         self._averaged: tuple[int, dict[str, StateDict]] = (-1, {})
         """The last round's number and its averaged model per architecture, before forward distillation."""
+        distillation_sets(self.config.distill.proxy_split, len(self.server_data.proxy_images),
+                          self.config.data.proxy_labelled, 0)  # refuses a proxy set it cannot split before anything runs
 
     def client_architecture(self, client_id: int) -> str:
         return self.assignment[client_id]
@@ -100,8 +127,9 @@ class Koala(Algorithm):
         if epochs:
             settings = self.config.distill.forward.model_copy(update={"epochs": epochs})
             large_model = instantiate(self.config.models.large, self.spec, large, self.device)
-            targets = distillation_targets(self._large_teacher(large_model, metrics), self.server_data.proxy_images, settings)
-            small = {arch: self._distil_small(arch, weights, targets, settings, 0, metrics, None)[0]
+            _, images = self._distillation_images(0)
+            targets = distillation_targets(self._large_teacher(large_model, metrics), images, settings)
+            small = {arch: self._distil_small(arch, weights, images, targets, settings, 0, metrics, None)[0]
                      for arch, weights in small.items()}
         return ServerState(round=0, large=large, small=small)
 
@@ -130,11 +158,11 @@ class Koala(Algorithm):
         with metrics.timed("forward-distill"):
             if self.forward_distills(round_number):
                 # the large model's targets are made once, for every small architecture
-                teacher = self._large_teacher(large_model, metrics)
-                targets = distillation_targets(teacher, self.server_data.proxy_images, self.config.distill.forward)
+                _, images = self._distillation_images(round_number)
+                targets = distillation_targets(self._large_teacher(large_model, metrics), images, self.config.distill.forward)
                 for arch, weights in small.items():
                     small[arch], momentum[f"forward:{arch}"] = self._forward_distill(
-                        arch, weights, targets, state, round_number, metrics
+                        arch, weights, images, targets, state, round_number, metrics
                     )
         kept = momentum if self.config.distill.keep_optimizer_state else {}
         return ServerState(round_number, module_state(large_model), small, kept)
@@ -186,7 +214,7 @@ class Koala(Algorithm):
         anchoring = distill.reverse_selection != "none" or distill.reverse_self_weight > 0
         if anchoring:
             teacher, kept_share = self._anchored(teacher, state.large, metrics)
-        proxy = self.server_data.proxy_images
+        (proxy, labels), _ = self._distillation_images(round_number)
         targets = distillation_targets(teacher, proxy, distill.reverse)
         student = instantiate(self.config.models.large, self.spec, state.large, self.device)
         kd_weight = 1.0
@@ -195,7 +223,7 @@ class Koala(Algorithm):
             metrics.values["reverse-kd-weight"] = kd_weight
         outcome = train_distill(
             student, proxy, targets, self.kd, distill.reverse, derive_seed(self.config.seed, "reverse-distill", round_number),
-            labels=self._proxy_labels(), ce_weight=distill.reverse_ce_weight, momentum=state.optimizers.get(REVERSE),
+            labels=labels, ce_weight=distill.reverse_ce_weight, momentum=state.optimizers.get(REVERSE),
             kd_weight=kd_weight,
         )
         if anchoring and distill.reverse_selection != "none":
@@ -247,7 +275,17 @@ class Koala(Algorithm):
         metrics.add_work(self.config.models.large, "inference", len(labelled))
         return teacher_quality_weight(teacher_accuracy, student_accuracy)
 
-    def _proxy_labels(self) -> torch.Tensor | None:
+    def _distillation_images(self, round_number: int) -> tuple[tuple[torch.Tensor, torch.Tensor | None], torch.Tensor]:
+        """Round `round_number`'s reverse-distillation images with their labels (`proxy_labels`), and
+        its forward-distillation images: the proxy set, or the parts `distill.proxy-split` gives each."""
+        proxy, labels = self.server_data.proxy_images, self.proxy_labels()
+        sets = distillation_sets(self.config.distill.proxy_split, len(proxy), self.config.data.proxy_labelled, round_number)
+        if sets is None:
+            return (proxy, labels), proxy
+        reverse, forward = (indices.to(proxy.device) for indices in sets)
+        return (proxy[reverse], None if labels is None else labels[reverse]), proxy[forward]
+
+    def proxy_labels(self) -> torch.Tensor | None:
         """One label per proxy image, -1 where the server has none (the labelled set is the first
         `data.proxy-labelled` proxy images); None without a labelled set."""
         labelled, proxy = self.server_data.labelled, self.server_data.proxy_images
@@ -268,25 +306,26 @@ class Koala(Algorithm):
         return teacher
 
     def _forward_distill(
-        self, arch: str, weights: StateDict, targets: Targets, state: ServerState, round_number: int, metrics: RoundMetrics,
+        self, arch: str, weights: StateDict, images: torch.Tensor, targets: Targets, state: ServerState, round_number: int,
+        metrics: RoundMetrics,
     ) -> tuple[StateDict, StateDict]:
         """The small model `arch` clients receive next round, and its distillation's final momentum:
-        the large model's `targets` distilled into `weights` (the round's average), mixed back with
-        them by `distill.forward-mix`."""
-        distilled, momentum = self._distil_small(arch, weights, targets, self.config.distill.forward, round_number,
+        the large model's `targets` on `images` distilled into `weights` (the round's average), mixed
+        back with them by `distill.forward-mix`."""
+        distilled, momentum = self._distil_small(arch, weights, images, targets, self.config.distill.forward, round_number,
                                                  metrics, state.optimizers.get(f"forward:{arch}"))
         mix = self.config.distill.forward_mix
         return (distilled if mix == 1 else fedavg([distilled, weights], [mix, 1 - mix])), momentum
 
     def _distil_small(
-        self, arch: str, weights: StateDict, targets: Targets, settings: DistillOptimizerConfig, round_number: int,
-        metrics: RoundMetrics, momentum: StateDict | None,
+        self, arch: str, weights: StateDict, images: torch.Tensor, targets: Targets, settings: DistillOptimizerConfig,
+        round_number: int, metrics: RoundMetrics, momentum: StateDict | None,
     ) -> tuple[StateDict, StateDict]:
-        """`weights` of `arch` after distilling the large model's `targets` into them on the proxy
-        set, and the distillation's final momentum buffers."""
+        """`weights` of `arch` after distilling the large model's `targets` on the proxy `images` into
+        them, and the distillation's final momentum buffers."""
         student = instantiate(arch, self.spec, weights, self.device)
         outcome = train_distill(
-            student, self.server_data.proxy_images, targets, self.kd, settings,
+            student, images, targets, self.kd, settings,
             derive_seed(self.config.seed, "forward-distill", round_number, arch), momentum=momentum,
         )
         metrics.values[f"forward-loss:{arch}"] = outcome.loss
