@@ -16,7 +16,13 @@ whether averaging weights lifts it. `--mixed K` adds K unlabelled images that ea
 N proxy images (weights drawn uniformly, seeded, once), labelled by the teacher. Validation split
 only: this is a diagnosis, not a table of results.
 
+`--agreement-only` plays the round and reports only the teacher's agreement with the large model it
+taught, on the round's reverse-distillation images, on the images its clients' starting model was
+forward-distilled on, and on validation; it also takes runs that split the proxy set
+(`distill.proxy-split`), where those two sets differ.
+
     python benchmarks/distill_ceiling.py --run OUT/RUN --sizes 3000 6000 --epochs 15 [--mixed 6000]
+    python benchmarks/distill_ceiling.py --run OUT/RUN --agreement-only
 """
 
 from __future__ import annotations
@@ -29,6 +35,7 @@ import torch
 from torch.optim.swa_utils import AveragedModel
 
 from koala.algorithms.base import RoundMetrics
+from koala.algorithms.koala import distillation_sets
 from koala.config import ExperimentConfig, config_to_toml
 from koala.data.dataset import ImageSplit
 from koala.engine.local import local_dispatch
@@ -45,7 +52,7 @@ LAST_EPOCHS = 3
 """The ceiling is read as the mean validation accuracy of the last this many epochs."""
 
 
-def check_reproducible(config: ExperimentConfig) -> None:
+def check_reproducible(config: ExperimentConfig, split_allowed: bool = False) -> None:
     """Refuse a run whose reverse distillation this probe would not repeat: one averaged teacher of one
     architecture, the KD loss with the optional CE term, nothing else."""
     distill = config.distill
@@ -54,7 +61,7 @@ def check_reproducible(config: ExperimentConfig) -> None:
               "distill.reverse-selection": distill.reverse_selection != "none",
               "distill.reverse-self-weight": distill.reverse_self_weight > 0,
               "distill.reverse-guard-size": distill.reverse_guard_size > 0, "distill.reverse.flip": distill.reverse.augments,
-              "distill.proxy-split": distill.proxy_split != "shared"}
+              "distill.proxy-split": distill.proxy_split != "shared" and not split_allowed}
     if unsupported := [key for key, used in levers.items() if used]:
         raise SystemExit(f"distill_ceiling.py repeats a KOALA run with one small architecture, the averaged teacher and the "
                          f"KD + CE loss only; this run sets {', '.join(unsupported)}")
@@ -83,23 +90,43 @@ def agreement(first: torch.nn.Module, second: torch.nn.Module, images: torch.Ten
     return evaluate(first, ImageSplit(images, predict_logits(second, images).argmax(1)))["accuracy"]
 
 
+def played_round(run: Path, split_allowed: bool = False) -> tuple[Experiment, ServerState, torch.nn.Module, ServerState]:
+    """`run`'s experiment, its last state, the averaged teacher of the round after it and the state after that round."""
+    config = read_run_config(run)
+    check_reproducible(config, split_allowed)
+    torch.set_num_threads(config.threads)
+    experiment = prepare_experiment(config)
+    if experiment.algorithm.server_data.validation is None:
+        raise SystemExit(f"{run} has no validation split (data.validation-size = 0): the ceiling is read on it")
+    state = load_checkpoint(run, config_to_toml(config), experiment.algorithm.device).state
+    return experiment, state, *next_round(experiment, state)
+
+
+def agreements(run: Path) -> dict[str, float]:
+    """The averaged teacher of the round after `run`'s last, against the large model it taught: their
+    agreement on that round's reverse-distillation images, on the images the previous round
+    forward-distilled its clients' starting model on, and on validation."""
+    experiment, state, teacher, after = played_round(run, split_allowed=True)
+    config, data = experiment.config, experiment.algorithm.server_data
+    taught = instantiate(config.models.large, experiment.spec, state.large, experiment.algorithm.device)
+    proxy = data.proxy_images
+    sets = {"reverse": distillation_sets(config.distill.proxy_split, len(proxy), config.data.proxy_labelled, after.round),
+            "forward": distillation_sets(config.distill.proxy_split, len(proxy), config.data.proxy_labelled, state.round)}
+    images = {"reverse": proxy if sets["reverse"] is None else proxy[sets["reverse"][0].to(proxy.device)],
+              "forward": proxy if sets["forward"] is None else proxy[sets["forward"][1].to(proxy.device)],
+              "validation": data.validation.images}
+    return {name: agreement(teacher, taught, batch) for name, batch in images.items()}
+
+
 def ceiling(run: Path, sizes: list[int], epochs: int, mixed: int) -> list[dict[str, Any]]:
     """For each size N: the large model distilled `epochs` epochs from the averaged teacher of the round
     after `run`'s last, on the first N proxy images (plus `mixed` mixed ones), on the validation split:
     after each epoch, and the weights' average over the second half; with the teacher, the start, the
     large model after that round and the teacher's agreement with the large model it taught, on the
     transfer set and on the validation split."""
-    config = read_run_config(run)
-    check_reproducible(config)
-    torch.set_num_threads(config.threads)
-    experiment = prepare_experiment(config)
-    algorithm = experiment.algorithm
-    data, device = algorithm.server_data, algorithm.device
-    validation = data.validation
-    if validation is None:
-        raise SystemExit(f"{run} has no validation split (data.validation-size = 0): the ceiling is read on it")
-    state = load_checkpoint(run, config_to_toml(config), device).state
-    teacher, after = next_round(experiment, state)
+    experiment, state, teacher, after = played_round(run)
+    config, algorithm = experiment.config, experiment.algorithm
+    data, device, validation = algorithm.server_data, algorithm.device, algorithm.server_data.validation
     taught = instantiate(config.models.large, algorithm.spec, state.large, device)
     large_after = instantiate(config.models.large, algorithm.spec, after.large, device)
     start = algorithm.initial_large_state(RoundMetrics())
@@ -141,7 +168,14 @@ def main() -> None:
     parser.add_argument("--sizes", type=int, nargs="+", default=[6000], help="transfer-set sizes: the first N proxy images")
     parser.add_argument("--epochs", type=int, default=15)
     parser.add_argument("--mixed", type=int, default=0, help="mixed images added to the transfer set")
+    parser.add_argument("--agreement-only", action="store_true", help="only the teacher's agreement with the large model")
     args = parser.parse_args()
+    if args.agreement_only:
+        shares = agreements(args.run)
+        print("| run | agreement on the round's reverse images | on the images its clients' start was forward-distilled on "
+              "| on validation |\n|---|---|---|---|")
+        print(f"| {args.run.name} | " + " | ".join(f"{100 * share:.2f}" for share in shares.values()) + " |")
+        return
     rows = ["| proxy images | mixed | round | teacher | its agreement with the large model it taught: transfer set, validation | "
             "start | mean of the last 3 epochs | best epoch | average of the second half | the run's large model after the round |",
             "|---:|---:|---:|---|---|---|---|---|---|---|"]
