@@ -35,7 +35,6 @@ import torch
 from torch.optim.swa_utils import AveragedModel
 
 from koala.algorithms.base import RoundMetrics
-from koala.algorithms.koala import distillation_sets
 from koala.config import ExperimentConfig, config_to_toml
 from koala.data.dataset import ImageSplit
 from koala.engine.local import local_dispatch
@@ -107,14 +106,11 @@ def agreements(run: Path) -> dict[str, float]:
     agreement on that round's reverse-distillation images, on the images the previous round
     forward-distilled its clients' starting model on, and on validation."""
     experiment, state, teacher, after = played_round(run, split_allowed=True)
-    config, data = experiment.config, experiment.algorithm.server_data
-    taught = instantiate(config.models.large, experiment.spec, state.large, experiment.algorithm.device)
-    proxy = data.proxy_images
-    sets = {"reverse": distillation_sets(config.distill.proxy_split, len(proxy), config.data.proxy_labelled, after.round),
-            "forward": distillation_sets(config.distill.proxy_split, len(proxy), config.data.proxy_labelled, state.round)}
-    images = {"reverse": proxy if sets["reverse"] is None else proxy[sets["reverse"][0].to(proxy.device)],
-              "forward": proxy if sets["forward"] is None else proxy[sets["forward"][1].to(proxy.device)],
-              "validation": data.validation.images}
+    algorithm = experiment.algorithm
+    taught = instantiate(experiment.config.models.large, experiment.spec, state.large, algorithm.device)
+    (reverse, _), _ = algorithm.distillation_images(after.round)
+    _, forward = algorithm.distillation_images(state.round)
+    images = {"reverse": reverse, "forward": forward, "validation": algorithm.server_data.validation.images}
     return {name: agreement(teacher, taught, batch) for name, batch in images.items()}
 
 

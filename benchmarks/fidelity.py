@@ -187,7 +187,7 @@ ROWS: dict[str, Row] = {
     **{f"{SHIPPED} +{split}": _koala(*SHIPPED_LEVERS, f"distill.proxy-split='{split}'", group="proxy-split")
        for split in ("disjoint", "alternating")},
     # and with twice the proxy set, so that each distillation has about as many images as the shipped recipe's
-    # (halving them cost the forward-distilled teachers about a point)
+    # (halving them cost the averaged teachers 0.31-0.73 on test, 2 seeds)
     **{f"{SHIPPED} proxy=12000 +{split}": _koala(*SHIPPED_LEVERS, "data.proxy-size=12000", f"distill.proxy-split='{split}'",
                                                  group="proxy-split") for split in ("disjoint", "alternating")},
     # is the shipped recipe still climbing at round 20? (its 20-round runs, continued)

@@ -131,8 +131,12 @@ CASES: dict[str, Case] = {
         "distill.forward.epochs = 0 turns forward distillation off"),
     "a proxy split of too few unlabelled images": (
         [str(BASE), *DIGITS, *_set("distill.proxy-split='disjoint'", "data.proxy-labelled=143")],
-        "distill.proxy-split = 'disjoint' cuts the unlabelled proxy images into two halves, but only 1 of the 144 "
-        "proxy images are unlabelled"),
+        "distill.proxy-split = 'disjoint' cuts the unlabelled proxy images into two halves, but the proxy set holds 1 "
+        "unlabelled image(s) of 144"),
+    "alternating halves with a forward warm-up": (
+        [str(BASE), *_set("distill.proxy-split='alternating'", "distill.forward-warmup-rounds=1")],
+        "distill.proxy-split = 'alternating' divides the proxy images between reverse and forward distillation, "
+        "alternating halves by round, but distill.forward-warmup-rounds = 1 skips forward distillation in the first rounds"),
     "min-replies above the sample": ([str(BASE), *_set("client.min-replies=20")],
                                      "client.min-replies = 20 but a round samples only 10 client(s)"),
     "vectorised training of a model with dropout": (

@@ -16,6 +16,7 @@ from koala.distill import soft_targets
 from koala.errors import ConfigError
 from koala.run.experiment import Experiment, prepare_experiment
 from koala.run.launch import run_local
+from koala.state import ClientUpdate, StateDict
 from koala.training import predict_logits, samples_per_epoch
 from koala.weights import evaluate_state, instantiate
 
@@ -160,17 +161,18 @@ def test_a_split_proxy_set_gives_each_distillation_its_own_images() -> None:
     for round_number in range(4):
         reverse, forward = distillation_sets("disjoint", 20, 4, round_number)
         assert (set(reverse.tolist()), set(forward.tolist())) == (labelled | first, second)
+        assert reverse[:4].tolist() == [0, 1, 2, 3]  # the labelled head stays the head: teacher-quality reads it there
     halves = [first, second]
     for round_number in range(4):  # round 0 is the initial forward distillation
         reverse, forward = distillation_sets("alternating", 20, 4, round_number)
         assert (set(reverse.tolist()), set(forward.tolist())) == (labelled | halves[round_number % 2], halves[round_number % 2])
         next_reverse, _ = distillation_sets("alternating", 20, 4, round_number + 1)
         assert not set(next_reverse.tolist()) & set(forward.tolist())  # the next teachers meet unseen images
-    with pytest.raises(ConfigError, match="only 1 of the 5 proxy images are unlabelled"):
+    with pytest.raises(ConfigError, match="the proxy set holds 1 unlabelled image"):
         distillation_sets("disjoint", 5, 4, 1)
 
 
-def _round_after_overwriting(split: str, proxy_indices: list[int], updates: list) -> tuple[dict, dict]:
+def _round_after_overwriting(split: str, proxy_indices: list[int], updates: list[ClientUpdate]) -> tuple[StateDict, StateDict]:
     """Round 1's large and small model when the proxy images at `proxy_indices` are replaced by noise;
     the round's training passes are checked against the sizes of its two image sets."""
     experiment = _experiment(f"distill.proxy-split='{split}'", "data.proxy-labelled=40", "distill.reverse-ce-weight=1.0")
@@ -205,6 +207,18 @@ def test_each_distillation_of_a_split_round_learns_only_from_its_own_images(spli
     shared_large, _ = _round_after_overwriting("shared", [], updates)
     shared_large_changed, _ = _round_after_overwriting("shared", not_reverse, updates)
     assert not torch.equal(shared_large["features.0.weight"], shared_large_changed["features.0.weight"])
+
+
+@pytest.mark.parametrize("split", ["disjoint", "alternating"])
+def test_a_split_reverse_distillation_keeps_every_label_beside_its_image(split: str) -> None:
+    """Cross-entropy still sees every labelled image with its own label: the labelled head leads the
+    reverse images, labelled as the server set, the rest unlabelled (-1)."""
+    experiment = _experiment(f"distill.proxy-split='{split}'", "data.proxy-labelled=40", "distill.reverse-ce-weight=1.0")
+    labelled = experiment.split.labelled_server
+    for round_number in (1, 2):
+        (images, labels), _ = experiment.algorithm.distillation_images(round_number)
+        assert torch.equal(images[:40], labelled.images) and torch.equal(labels[:40], labelled.labels)
+        assert bool((labels[40:] == -1).all()) and len(images) == len(labels)
 
 
 def test_alternating_halves_start_the_clients_on_the_half_round_1_does_not_reverse_distil() -> None:

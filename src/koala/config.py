@@ -408,6 +408,11 @@ def _check_proxy_split(config: ExperimentConfig) -> None:
     if config.distill.forward.epochs == 0:
         raise ValueError(f"{split}, but distill.forward.epochs = 0 turns forward distillation off: "
                          "set distill.proxy-split = 'shared' or distill.forward.epochs > 0")
+    if config.distill.proxy_split == "alternating" and config.distill.forward_warmup_rounds:
+        raise ValueError(f"{split}, alternating halves by round, but distill.forward-warmup-rounds = "
+                         f"{config.distill.forward_warmup_rounds} skips forward distillation in the first rounds, so a "
+                         "round would reverse-distil on the half its clients were last fitted on: set "
+                         "distill.forward-warmup-rounds = 0 or distill.proxy-split = 'disjoint'")
 
 
 def _check_device_classes(config: ExperimentConfig) -> None:

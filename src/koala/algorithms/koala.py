@@ -13,10 +13,10 @@ Homogeneous mode is the special case of a single small architecture. A round, on
 3. forward distillation: the large model's softened outputs are distilled into every small model,
    which the clients receive next round.
 
-Both distillations use every proxy image unless `distill.proxy-split` divides them
-(`distillation_sets`): forward distillation fits the clients' next models to the large model on its
-images, so reverse distillation on the same images next round mostly hands the large model its own
-answers back (benchmarks/RESULTS.md, "Why it stays under them").
+Both distillations use every proxy image unless `distill.proxy-split` gives each its own part
+(`distillation_sets`), so that the round's teachers are not asked about the images forward
+distillation has just fitted their starting model to the large model on (benchmarks/RESULTS.md,
+"Why it stays under them": measured, it did not lift the large model).
 
 Evaluation reports, beside the large model and the small models the clients receive next round
 ("small:ARCH", after forward distillation), each architecture's averaged model of the round before
@@ -74,7 +74,7 @@ def distillation_sets(split: str, size: int, labelled: int, round_number: int) -
         return None
     if size - labelled < 2:
         raise ConfigError(f"distill.proxy-split = '{split}' cuts the unlabelled proxy images into two halves, but "
-                          f"only {size - labelled} of the {size} proxy images are unlabelled: raise the proxy set's "
+                          f"the proxy set holds {size - labelled} unlabelled image(s) of {size}: raise the proxy set's "
                           "size, lower data.proxy-labelled, or set distill.proxy-split = 'shared'")
     halves = torch.arange(labelled, size).chunk(2)
     reverse_half, forward_half = halves if split == "disjoint" else (halves[round_number % 2],) * 2
@@ -101,8 +101,9 @@ class Koala(Algorithm):
         self.kd = Distillation(self.config.distill.temperature)
         self._averaged: tuple[int, dict[str, StateDict]] = (-1, {})
         """The last round's number and its averaged model per architecture, before forward distillation."""
-        distillation_sets(self.config.distill.proxy_split, len(self.server_data.proxy_images),
-                          self.config.data.proxy_labelled, 0)  # refuses a proxy set it cannot split before anything runs
+        self._split_by_parity = [distillation_sets(self.config.distill.proxy_split, len(self.server_data.proxy_images),
+                                                   self.config.data.proxy_labelled, parity) for parity in (0, 1)]
+        """`distillation_sets` of even and odd rounds, made (and a proxy set too small to split refused) before anything runs."""
 
     def client_architecture(self, client_id: int) -> str:
         return self.assignment[client_id]
@@ -127,7 +128,7 @@ class Koala(Algorithm):
         if epochs:
             settings = self.config.distill.forward.model_copy(update={"epochs": epochs})
             large_model = instantiate(self.config.models.large, self.spec, large, self.device)
-            _, images = self._distillation_images(0)
+            _, images = self.distillation_images(0)
             targets = distillation_targets(self._large_teacher(large_model, metrics), images, settings)
             small = {arch: self._distil_small(arch, weights, images, targets, settings, 0, metrics, None)[0]
                      for arch, weights in small.items()}
@@ -158,7 +159,7 @@ class Koala(Algorithm):
         with metrics.timed("forward-distill"):
             if self.forward_distills(round_number):
                 # the large model's targets are made once, for every small architecture
-                _, images = self._distillation_images(round_number)
+                _, images = self.distillation_images(round_number)
                 targets = distillation_targets(self._large_teacher(large_model, metrics), images, self.config.distill.forward)
                 for arch, weights in small.items():
                     small[arch], momentum[f"forward:{arch}"] = self._forward_distill(
@@ -214,7 +215,7 @@ class Koala(Algorithm):
         anchoring = distill.reverse_selection != "none" or distill.reverse_self_weight > 0
         if anchoring:
             teacher, kept_share = self._anchored(teacher, state.large, metrics)
-        (proxy, labels), _ = self._distillation_images(round_number)
+        (proxy, labels), _ = self.distillation_images(round_number)
         targets = distillation_targets(teacher, proxy, distill.reverse)
         student = instantiate(self.config.models.large, self.spec, state.large, self.device)
         kd_weight = 1.0
@@ -275,11 +276,12 @@ class Koala(Algorithm):
         metrics.add_work(self.config.models.large, "inference", len(labelled))
         return teacher_quality_weight(teacher_accuracy, student_accuracy)
 
-    def _distillation_images(self, round_number: int) -> tuple[tuple[torch.Tensor, torch.Tensor | None], torch.Tensor]:
+    def distillation_images(self, round_number: int) -> tuple[tuple[torch.Tensor, torch.Tensor | None], torch.Tensor]:
         """Round `round_number`'s reverse-distillation images with their labels (`proxy_labels`), and
-        its forward-distillation images: the proxy set, or the parts `distill.proxy-split` gives each."""
+        its forward-distillation images (round 0: the initial one): the proxy set, or the parts
+        `distill.proxy-split` gives each."""
         proxy, labels = self.server_data.proxy_images, self.proxy_labels()
-        sets = distillation_sets(self.config.distill.proxy_split, len(proxy), self.config.data.proxy_labelled, round_number)
+        sets = self._split_by_parity[round_number % 2]
         if sets is None:
             return (proxy, labels), proxy
         reverse, forward = (indices.to(proxy.device) for indices in sets)
