@@ -526,7 +526,7 @@ def frontier(seeds: list[int], out: Path, split: str, at_round: int, plot: Path 
     """The large model's accuracy at `at_round` (and at its best validation round) against the
     clients' training TFLOPs a round, for every small model and local-epoch count, with
     FedAvg-large and each FedAvg-small."""
-    points: list[tuple[str, str, float, float, float | None]] = []  # (kind, label, flops, final, selected)
+    points: list[tuple[str, str, float, float, float | None, int]] = []  # (kind, label, flops, final, selected, seeds)
     koala_rows = {"koala": "lenet", "koala +initial-forward": "+initial-forward lenet",
                   **{name: name.removeprefix("koala ") for name, row in ROWS.items() if row.group in ("ladder", "epochs", "heterogeneous")}}
     koala_rows[SHIPPED] = SHIPPED.removeprefix("koala ") + ", shipped recipe"
@@ -540,15 +540,15 @@ def frontier(seeds: list[int], out: Path, split: str, at_round: int, plot: Path 
         chosen = [r.validation_selected(at_round) for r in runs] if runs[0].headline() == "large" else []
         selected = statistics.mean(c[1] for c in chosen) if chosen and all(chosen) else None
         points.append((kind, label, statistics.mean(r.client_flops_per_round(at_round) for r in runs),
-                       statistics.mean(r.accuracy(split, at_round=at_round) for r in runs), selected))
+                       statistics.mean(r.accuracy(split, at_round=at_round) for r in runs), selected, len(runs)))
     points.sort(key=lambda p: (p[0], p[2]))  # the plot's points carry their row number in this table
     large_flops = next((p[2] for p in points if p[0] == "FedAvg-large"), None)
     lines = [f"| # | method | model / setting | client TFLOPs / round | fewer than FedAvg-large | {split} accuracy, round {at_round} "
-             f"| at the best validation round ≤ {at_round} |", "|---:|---|---|---|---|---|---|"]
+             f"| at the best validation round ≤ {at_round} | seeds |", "|---:|---|---|---|---|---|---|---:|"]
     lines += [f"| {number} | {kind} | {label} | {flops / 1e12:.3f} | "
               f"{'–' if large_flops is None else f'{100 * (1 - flops / large_flops):.1f} %'} "
-              f"| {100 * final:.2f} | {'–' if selected is None else f'{100 * selected:.2f}'} |"
-              for number, (kind, label, flops, final, selected) in enumerate(points, start=1)]
+              f"| {100 * final:.2f} | {'–' if selected is None else f'{100 * selected:.2f}'} | {seeds} |"
+              for number, (kind, label, flops, final, selected, seeds) in enumerate(points, start=1)]
     if plot is not None:
         fig, ax = plt.subplots(figsize=(9, 6))
         for kind, marker in (("KOALA large model", "o"), ("FedAvg-small", "s"), ("FedAvg-large", "^")):
@@ -562,7 +562,7 @@ def frontier(seeds: list[int], out: Path, split: str, at_round: int, plot: Path 
                         label=f"{kind}, best validation round")
         # numbers, not labels: the labels of points a few GFLOPs apart overprint one another; points at one
         # client cost take turns, from the lowest up, to carry their number right and left of the dot
-        for number, (_, _, flops, final, _) in enumerate(points, start=1):
+        for number, (_, _, flops, final, _, _) in enumerate(points, start=1):
             left = sum(abs(p[2] - flops) < 0.02 * flops and p[3] < final for p in points) % 2 == 1
             ax.annotate(str(number), (flops / 1e12, 100 * final), fontsize=7, xytext=(-3 if left else 3, 3),
                         textcoords="offset points", ha="right" if left else "left")
