@@ -10,14 +10,12 @@ still checks that the run learns, then skips with the values to record: its numb
 in advance there, and a mismatch would say nothing about the code.
 """
 
-import platform
-from pathlib import Path
-
 import pytest
 import torch
 from helpers import BASE, DIGITS_KOALA
 
 from koala.config import load_config
+from koala.run.provenance import processor_name
 from koala.run.launch import run_local
 
 TWO_ROUNDS = [*DIGITS_KOALA, "rounds=2", "threads=1", "client.epochs=3", "distill.temperature=1.0",
@@ -80,16 +78,9 @@ RECORDED = {
 
 
 RECORDED_PROCESSORS = {"AMD EPYC, AVX2", "AMD EPYC, AVX512"}
-"""The processors above as `_this_processor()` names them (the development machine's was not recorded;
-the AVX512 one reproduces its homogeneous rounds)."""
-
-
-def _this_processor() -> str:
-    """'CPU MODEL, TORCH CPU CAPABILITY' (e.g. 'AMD EPYC, AVX512'): what selects torch's kernels here."""
-    cpuinfo = Path("/proc/cpuinfo")
-    models = [line.partition(":")[2].strip() for line in cpuinfo.read_text().splitlines()
-              if line.startswith("model name")] if cpuinfo.is_file() else []
-    return f"{models[0] if models else platform.processor()}, {torch.backends.cpu.get_cpu_capability()}"
+"""The processors above as 'CPU MODEL, TORCH CPU CAPABILITY', what a run directory's environment.json
+records as "cpu" and "cpu-capability" (the development machine's was not recorded; the AVX512 one
+reproduces its homogeneous rounds)."""
 
 
 def _first_mismatch(observed: list[dict[str, float]], recorded: list[dict[str, float]]) -> str | None:
@@ -121,7 +112,7 @@ def test_two_rounds_of_koala_reproduce_the_recorded_losses_and_accuracies(tmp_pa
     mismatches = {processor: _first_mismatch(observed, recorded) for processor, recorded in RECORDED[mode].items()}
     if None in mismatches.values():
         return
-    processor = _this_processor()
+    processor = f"{processor_name()}, {torch.backends.cpu.get_cpu_capability()}"
     if processor not in RECORDED_PROCESSORS:
         pytest.skip(f"no values recorded on this processor ({processor}; recorded: {sorted(RECORDED_PROCESSORS)}): "
                     f"record its values in RECORDED[{mode!r}]: {observed}")
