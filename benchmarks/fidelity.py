@@ -34,7 +34,7 @@ import statistics
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import matplotlib
 
@@ -522,11 +522,22 @@ def by_round(rows: list[str], seeds: list[int], out: Path, split: str, at_round:
         by_round_plot(rows, seeds, out, split, at_round, plot, models)
 
 
+class FrontierPoint(NamedTuple):
+    """One row of the frontier: a method's mean over its runs (seeds)."""
+
+    kind: str  # "KOALA large model", "FedAvg-small" or "FedAvg-large"
+    label: str
+    flops: float  # the clients' training FLOPs a round
+    final: float  # accuracy at the round asked for
+    selected: float | None  # accuracy at the best validation round (large models only)
+    seeds: int
+
+
 def frontier(seeds: list[int], out: Path, split: str, at_round: int, plot: Path | None) -> str:
     """The large model's accuracy at `at_round` (and at its best validation round) against the
     clients' training TFLOPs a round, for every small model and local-epoch count, with
     FedAvg-large and each FedAvg-small."""
-    points: list[tuple[str, str, float, float, float | None, int]] = []  # (kind, label, flops, final, selected, seeds)
+    points: list[FrontierPoint] = []
     koala_rows = {"koala": "lenet", "koala +initial-forward": "+initial-forward lenet",
                   **{name: name.removeprefix("koala ") for name, row in ROWS.items() if row.group in ("ladder", "epochs", "heterogeneous")}}
     koala_rows[SHIPPED] = SHIPPED.removeprefix("koala ") + ", shipped recipe"
@@ -539,10 +550,11 @@ def frontier(seeds: list[int], out: Path, split: str, at_round: int, plot: Path 
             continue
         chosen = [r.validation_selected(at_round) for r in runs] if runs[0].headline() == "large" else []
         selected = statistics.mean(c[1] for c in chosen) if chosen and all(chosen) else None
-        points.append((kind, label, statistics.mean(r.client_flops_per_round(at_round) for r in runs),
-                       statistics.mean(r.accuracy(split, at_round=at_round) for r in runs), selected, len(runs)))
-    points.sort(key=lambda p: (p[0], p[2]))  # the plot's points carry their row number in this table
-    large_flops = next((p[2] for p in points if p[0] == "FedAvg-large"), None)
+        points.append(FrontierPoint(kind, label, statistics.mean(r.client_flops_per_round(at_round) for r in runs),
+                                    statistics.mean(r.accuracy(split, at_round=at_round) for r in runs), selected,
+                                    len(runs)))
+    points.sort(key=lambda p: (p.kind, p.flops))  # the plot's points carry their row number in this table
+    large_flops = next((p.flops for p in points if p.kind == "FedAvg-large"), None)
     lines = [f"| # | method | model / setting | client TFLOPs / round | fewer than FedAvg-large | {split} accuracy, round {at_round} "
              f"| at the best validation round ≤ {at_round} | seeds |", "|---:|---|---|---|---|---|---|---:|"]
     lines += [f"| {number} | {kind} | {label} | {flops / 1e12:.3f} | "
@@ -552,21 +564,21 @@ def frontier(seeds: list[int], out: Path, split: str, at_round: int, plot: Path 
     if plot is not None:
         fig, ax = plt.subplots(figsize=(9, 6))
         for kind, marker in (("KOALA large model", "o"), ("FedAvg-small", "s"), ("FedAvg-large", "^")):
-            chosen = [p for p in points if p[0] == kind]
+            chosen = [p for p in points if p.kind == kind]
             if not chosen:
                 continue
-            (dots,) = ax.plot([p[2] / 1e12 for p in chosen], [100 * p[3] for p in chosen], marker, label=f"{kind}, round {at_round}")
-            best = [p for p in chosen if p[4] is not None]
+            (dots,) = ax.plot([p.flops / 1e12 for p in chosen], [100 * p.final for p in chosen], marker, label=f"{kind}, round {at_round}")
+            best = [p for p in chosen if p.selected is not None]
             if best:
-                ax.plot([p[2] / 1e12 for p in best], [100 * p[4] for p in best], marker, mfc="none", color=dots.get_color(),
+                ax.plot([p.flops / 1e12 for p in best], [100 * p.selected for p in best], marker, mfc="none", color=dots.get_color(),
                         label=f"{kind}, best validation round")
         # numbers, not labels: the labels of points a few GFLOPs apart overprint one another; points at one
         # client cost take turns, from the lowest up, to carry their number right and left of the dot
-        for number, (_, _, flops, final, _, _) in enumerate(points, start=1):
-            left = sum(abs(p[2] - flops) < 0.02 * flops and p[3] < final for p in points) % 2 == 1
-            ax.annotate(str(number), (flops / 1e12, 100 * final), fontsize=7, xytext=(-3 if left else 3, 3),
+        for number, point in enumerate(points, start=1):
+            left = sum(abs(p.flops - point.flops) < 0.02 * point.flops and p.final < point.final for p in points) % 2 == 1
+            ax.annotate(str(number), (point.flops / 1e12, 100 * point.final), fontsize=7, xytext=(-3 if left else 3, 3),
                         textcoords="offset points", ha="right" if left else "left")
-        tuned = [p[4] for p in points if p[0] == "FedAvg-large" and p[4] is not None]
+        tuned = [p.selected for p in points if p.kind == "FedAvg-large" and p.selected is not None]
         if tuned:  # the target: the best-tuned FedAvg-large at its best validation round, less half a point
             ax.axhline(100 * max(tuned) - 0.5, ls="--", lw=0.8, color="grey", label="FedAvg-large (tuned) − 0.5")
         ax.set(xscale="log", xlabel="clients' training TFLOPs a round (all 20 clients)",
